@@ -1,0 +1,11 @@
+"""Models: configs, the decoder LM, decode state, Hugging Face interop."""
+
+from lmx.models.config import AttentionConfig, ModelConfig, RopeScaling, preset, preset_names
+from lmx.models.lm import LM, LMOutput, build, check_tokens, init_params
+from lmx.models.state import DecodeState, KVCache, init_state, repeat, select, truncate
+
+__all__ = [
+    "AttentionConfig", "ModelConfig", "RopeScaling", "preset", "preset_names",
+    "LM", "LMOutput", "build", "check_tokens", "init_params",
+    "DecodeState", "KVCache", "init_state", "repeat", "select", "truncate",
+]

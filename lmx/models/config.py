@@ -1,0 +1,157 @@
+"""Model configuration: one frozen dataclass with nested frozen sub-configs, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+LAYER_KINDS = ("attn",)  # "ssm" joins with the Mamba mixers.
+ROPE_SCALINGS = (None, "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. kind="linear": positions / factor. kind="llama3": Llama-3.1 band-wise scaling."""
+
+    kind: str = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        _check(self.kind in ("linear", "llama3"), f"rope_scaling.kind={self.kind!r} must be 'linear' or 'llama3'")
+        _check(self.factor > 0, f"rope_scaling.factor={self.factor} must be > 0")
+        if self.kind == "llama3":
+            _check(
+                self.high_freq_factor > self.low_freq_factor,
+                f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                f"low_freq_factor={self.low_freq_factor}",
+            )
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # keys further back than this many positions are masked
+    impl: str = "xla"  # kernel choice, see lmx.pallas
+
+    def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            _check(getattr(self, name) > 0, f"attention.{name}={getattr(self, name)} must be > 0")
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            f"attention.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
+        )
+        _check(self.head_dim % 2 == 0, f"attention.head_dim={self.head_dim} must be even (RoPE)")
+        _check(self.rope_theta > 0, f"attention.rope_theta={self.rope_theta} must be > 0")
+        _check(
+            self.sliding_window is None or self.sliding_window > 0,
+            f"attention.sliding_window={self.sliding_window} must be None or > 0",
+        )
+        _check(self.impl in ("xla", "auto", "pallas"), f"attention.impl={self.impl!r} must be xla|auto|pallas")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 128
+    d_model: int = 64
+    num_layers: int = 2
+    mlp_dim: int = 256
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    layer_pattern: tuple[str, ...] | None = None  # None: ("attn",) * num_layers
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+    # Variant blocks (None = off); filled in by later capabilities.
+    ssm: object | None = None
+    exits: object | None = None
+    parscale: object | None = None
+    recursion: object | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "mlp_dim", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
+        _check(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
+        _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
+        _check(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} must be one of {DTYPES}")
+        if self.layer_pattern is None:
+            object.__setattr__(self, "layer_pattern", ("attn",) * self.num_layers)
+        object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
+        _check(
+            len(self.layer_pattern) == self.num_layers,
+            f"layer_pattern has {len(self.layer_pattern)} entries but num_layers={self.num_layers}",
+        )
+        bad = [k for k in self.layer_pattern if k not in LAYER_KINDS]
+        _check(not bad, f"layer_pattern has unknown kinds {bad}; known: {LAYER_KINDS}")
+
+    @property
+    def num_attn_layers(self) -> int:
+        return sum(k == "attn" for k in self.layer_pattern)
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+_PRESETS: dict[str, ModelConfig] = {
+    # Tiny configs for tests and CPU demos.
+    "llama-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=2, mlp_dim=192,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
+    ),
+    "llama3-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=2, mlp_dim=192, norm_eps=1e-5,
+        attention=AttentionConfig(
+            num_heads=4, num_kv_heads=1, head_dim=16, rope_theta=500000.0,
+            rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64),
+        ),
+    ),
+    "qwen2-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=2, mlp_dim=192, tie_embeddings=True,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, qkv_bias=True),
+    ),
+    "swa-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=2, mlp_dim=192,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16, sliding_window=8),
+    ),
+    # Real architectures (shapes only; weights come from load_hf).
+    "llama3.2-1b": ModelConfig(
+        vocab_size=128256, d_model=2048, num_layers=16, mlp_dim=8192, norm_eps=1e-5, tie_embeddings=True,
+        max_seq_len=131072, dtype="bfloat16", param_dtype="bfloat16",
+        attention=AttentionConfig(
+            num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+            rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+        ),
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        vocab_size=151936, d_model=896, num_layers=24, mlp_dim=4864, tie_embeddings=True,
+        max_seq_len=32768, dtype="bfloat16", param_dtype="bfloat16",
+        attention=AttentionConfig(num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1e6, qkv_bias=True),
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named config, optionally with top-level fields replaced."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(_PRESETS)}")
+    cfg = _PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
