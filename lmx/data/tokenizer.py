@@ -71,7 +71,7 @@ class CharTokenizer:
             if i == self.pad_id:
                 continue
             if not 0 <= i < self._vocab_size:
-                raise ValueError(f"token id {i} is outside the CharTokenizer vocabulary [0, {self._vocab_size})")
+                raise ValueError(f"token id {i} is outside the vocabulary (size {self._vocab_size})")
             if skip_special and i in self.special_ids:
                 continue
             # Ids in the padding range have no string; an untrained model may still sample them.

@@ -51,8 +51,9 @@ def _sub_steps(a: int, b: int) -> tuple[list[str], list[str]]:
 
 
 def _mul_steps(a: int, b: int) -> tuple[list[str], list[str]]:
-    partials = [a * d * 10**k for k, d in enumerate(_digits(b, len(str(b))))]
-    full = [f"{a}*{d * 10**k}={p}" for k, (d, p) in enumerate(zip(_digits(b, len(str(b))), partials, strict=True))]
+    shifted = [d * 10**k for k, d in enumerate(_digits(b, len(str(b))))]  # 285 -> 5, 80, 200
+    partials = [a * s for s in shifted]
+    full = [f"{a}*{s}={p}" for s, p in zip(shifted, partials, strict=True)]
     total = partials[0]
     for p in partials[1:]:  # running sum, one binary addition per step
         full.append(f"{total}+{p}={total + p}")
@@ -67,7 +68,8 @@ _OPS = {"+": (lambda a, b: a + b, _add_steps), "-": (lambda a, b: a - b, _sub_st
 class Arithmetic(TaskBase):
     """`a op b =` with a, b of `num_digits` (inclusive range) digits each and op drawn from `ops`."""
 
-    def __init__(self, num_digits: tuple[int, int] = (1, 3), ops: tuple[str, ...] = ("+",), cot: str = "full"):
+    def __init__(self, num_digits: tuple[int, int] = (1, 3), ops: tuple[str, ...] = ("+",),
+                 cot: str = "full"):
         lo, hi = num_digits
         if not 1 <= lo <= hi:
             raise ValueError(f"num_digits must satisfy 1 <= lo <= hi, got {num_digits!r}")
