@@ -104,6 +104,13 @@ class ModelConfig:
         return sum(k == "attn" for k in self.layer_pattern)
 
     def replace(self, **kw) -> ModelConfig:
+        """dataclasses.replace, but a new num_layers re-tiles the layer pattern's repeating unit."""
+        if "num_layers" in kw and "layer_pattern" not in kw:
+            pat, n = self.layer_pattern, kw["num_layers"]
+            unit = next(pat[:p] for p in range(1, len(pat) + 1) if pat == pat[:p] * (len(pat) // p))
+            if n % len(unit):
+                raise ValueError(f"num_layers={n} is not a multiple of the layer_pattern unit {unit}")
+            kw["layer_pattern"] = unit * (n // len(unit))
         return dataclasses.replace(self, **kw)
 
 

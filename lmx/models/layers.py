@@ -89,7 +89,8 @@ class Embed(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.embedding_VD = self.param(
-            "embedding", dense_init(cfg.d_model, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype)
+            "embedding", dense_init(cfg.d_model, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
+            jnp.dtype(cfg.param_dtype),
         )
 
     def __call__(self, tokens_BT):

@@ -107,4 +107,5 @@ def build(cfg: ModelConfig) -> nn.Module:
 def init_params(model: nn.Module, rng, seq_len: int = 8):
     """Unboxed parameter pytree (the logical-axis metadata is read separately by lmx.sharding)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.meta.unbox(model.init(rng, tokens)["params"])
+    # One compiled program: far faster than running the initialisers op by op.
+    return jax.jit(lambda r: nn.meta.unbox(model.init(r, tokens)["params"]))(rng)

@@ -1,11 +1,22 @@
 """Decoder LM: config validation, cached decode == teacher-forced forward, packed segments, bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmx.models import AttentionConfig, ModelConfig, RopeScaling, build, init_params, init_state, preset, truncate
+from lmx.models import (
+    AttentionConfig,
+    ModelConfig,
+    RopeScaling,
+    build,
+    init_params,
+    init_state,
+    preset,
+    truncate,
+)
 
 PRESETS = ["llama-tiny", "llama3-tiny", "qwen2-tiny", "swa-tiny"]
 
@@ -23,7 +34,7 @@ def test_cached_decode_equals_teacher_forced(name):
     full_BTV = model.apply({"params": params}, tokens_BT).logits_BTV
     state = init_state(cfg, 3, 24)
     chunks, logits = [0, 7, 8, 11, 12, 16, 20], []  # prefill, single tokens, and multi-token chunks
-    for a, b in zip(chunks[:-1], chunks[1:]):
+    for a, b in zip(chunks[:-1], chunks[1:], strict=False):
         out = model.apply({"params": params}, tokens_BT[:, a:b], state=state)
         state = out.state
         logits.append(out.logits_BTV)
@@ -44,7 +55,7 @@ def test_right_padded_prefill_then_truncate(name):
     state = model.apply({"params": params}, jnp.asarray(pad_BT), state=init_state(cfg, 3, 16)).state
     state = truncate(state, jnp.asarray(lens))
     for i in range(4):
-        step_B1 = jnp.asarray([[s[n + i]] for s, n in zip(seqs, lens)], jnp.int32)
+        step_B1 = jnp.asarray([[s[n + i]] for s, n in zip(seqs, lens, strict=True)], jnp.int32)
         out = model.apply({"params": params}, step_B1, state=state)
         state = out.state
         for b, n in enumerate(lens):
@@ -135,6 +146,11 @@ def test_token_ids_outside_vocab():
 def test_real_presets_shapes_only():
     for name in ["llama3.2-1b", "qwen2.5-0.5b"]:
         cfg = preset(name)
-        shapes = jax.eval_shape(lambda: init_params(build(cfg), jax.random.PRNGKey(0)))
+        shapes = jax.eval_shape(functools.partial(init_params, build(cfg)), jax.random.PRNGKey(0))
         n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
         assert 4e8 < n < 1.6e9, (name, n)
+
+
+def test_replace_num_layers_retiles_pattern():
+    cfg = preset("llama-tiny", num_layers=5)
+    assert cfg.layer_pattern == ("attn",) * 5

@@ -1,0 +1,62 @@
+"""Compute and memory accounting for decoding (approximate forward-pass FLOPs, KV-cache bytes).
+
+Formulas (forward pass only, one multiply-add = 2 FLOPs):
+- matmul FLOPs per token = 2 · matmul_params, where matmul_params is every weight a token is multiplied by:
+  all parameters except the embedding lookup table (a gather, no FLOPs); with tied embeddings the table is
+  the LM head, so it is counted once. Norm scales and biases are included (negligible).
+- attention FLOPs per token = 2 · 2 · L_attn · ctx · N · H (q·kᵀ and p·v over ctx keys, N heads of dim H),
+  where ctx = min(position + 1, sliding_window) keys are attended.
+- KV-cache bytes per token = 2 (k and v) · L_attn · K · H · bytes(cfg.dtype).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from lmx.models.config import ModelConfig
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact number of parameters of `lmx.models.build(cfg)` (attention-only layer patterns)."""
+    a = cfg.attention
+    D, N, K, H, F, V = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim, cfg.vocab_size
+    attn = D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0)
+    layer = attn + 3 * D * F + 2 * D  # + attention and MLP norm scales
+    return V * D + cfg.num_layers * layer + D + (0 if cfg.tie_embeddings else D * V)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters a token is multiplied by (all but the untied embedding table)."""
+    return param_count(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+
+
+def flops_per_token(cfg: ModelConfig, context_len) -> float:
+    """Forward FLOPs for one token that attends to `context_len` keys (itself included)."""
+    a = cfg.attention
+    ctx = context_len if a.sliding_window is None else np.minimum(context_len, a.sliding_window)
+    return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_attn_layers * ctx * a.num_heads * a.head_dim
+
+
+def _keys_before(cfg: ModelConfig, n):
+    """Σ_{p<n} min(p + 1, window): keys attended by positions 0..n-1 (float: n² overflows int32)."""
+    n = jnp.asarray(n, jnp.float32)
+    W = cfg.attention.sliding_window
+    full = n * (n + 1) / 2
+    if W is None:
+        return full
+    return jnp.where(n <= W, full, W * (W + 1) / 2 + (n - W) * W)
+
+
+def forward_flops(cfg: ModelConfig, start, stop):
+    """Forward FLOPs to process positions [start, stop) of one sequence (elementwise over arrays)."""
+    a = cfg.attention
+    n_tokens = jnp.asarray(stop, jnp.float32) - jnp.asarray(start, jnp.float32)
+    keys = _keys_before(cfg, stop) - _keys_before(cfg, start)
+    return 2.0 * matmul_params(cfg) * n_tokens + 4.0 * cfg.num_attn_layers * a.num_heads * a.head_dim * keys
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes one position occupies in the KV cache (all attention layers, k and v)."""
+    a = cfg.attention
+    return 2 * cfg.num_attn_layers * a.num_kv_heads * a.head_dim * jnp.dtype(cfg.dtype).itemsize
