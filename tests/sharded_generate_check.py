@@ -1,0 +1,33 @@
+"""Run by test_sharding.py in a fresh interpreter with 8 fake CPU devices (XLA_FLAGS must be set before
+jax is imported). Generates from llama-tiny unsharded and with params sharded over a (2, 2, 2) mesh."""
+
+import json
+
+import jax
+import numpy as np
+
+from lmx.decoding import Greedy, Sampler, generate
+from lmx.models import build, init_params, preset
+from lmx.sharding import init_sharded_params, make_mesh, use_mesh
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    model = build(preset("llama-tiny"))
+    rng = jax.random.PRNGKey(0)
+    params = init_params(model, rng)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = init_sharded_params(model, mesh, rng)
+    prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6], [1, 8, 8]]
+    out = {"gate_shards": len(sharded["layers"]["mlp"]["gate"].addressable_shards)}
+    for name, sampler, r in [("greedy", Greedy(), None), ("sampled", Sampler(temperature=1.0), jax.random.PRNGKey(3))]:
+        ref = generate(model, params, prompts, max_new_tokens=12, sampler=sampler, rng=r, num_samples=2)
+        with use_mesh(mesh):
+            got = generate(model, sharded, prompts, max_new_tokens=12, sampler=sampler, rng=r, num_samples=2)
+        out[name + "_same_tokens"] = bool(np.array_equal(ref.tokens_BRT, got.tokens_BRT))
+        out[name + "_logprob_diff"] = float(np.max(np.abs(np.asarray(ref.logprobs_BRT) - np.asarray(got.logprobs_BRT))))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
