@@ -1,0 +1,493 @@
+"""Mamba-3 state-space recurrence: sequential reference, chunked (training/prefill) and one-token step (decode).
+
+Mamba-3 (Lahoti, Li, Chen, Wang, Bick, Kolter, Dao, Gu, "Mamba-3: Improved Sequence Modeling using State
+Space Principles") changes Mamba-2's SSD recurrence in three ways. The equations below are the ones the
+reference code implements; they were read from ``state-spaces/mamba``: the recurrent references
+``mamba3_siso_step_ref`` (``tests/ops/triton/test_mamba3_siso.py``) and ``mamba3_MIMO_step_ref``
+(``tests/ops/tilelang/test_mamba3_mimo.py``), the chunked reference ``mamba3_siso_fwd_ref`` (same SISO test
+file: the "shifted gamma" form used below), the decode kernel ``mamba_ssm/ops/cute/mamba3/mamba3_step_fn.py``
+(``alpha = exp(A dt)``, ``gamma = trap * dt``, ``beta = (1 - trap) * dt * alpha``), the rotary step
+``mamba_ssm/ops/triton/mamba3/mamba3_mimo_rotary_step.py`` and the layer ``mamba_ssm/modules/mamba3.py``.
+
+Shape letters (DESIGN.md §2): B batch, T time, N heads, H head dim, Z state size, R MIMO rank, C chunk
+length; and here A = number of rotary angles (state channel pairs that rotate, A <= Z/2). Per head n and
+token t, with inputs x_t ∈ R^H, Δ_t > 0, A_t < 0, λ_t ∈ [0, 1], ω_t ∈ R^A, B_t, C_t ∈ R^{R×Z}:
+
+1. Exponential-trapezoidal discretisation::
+
+       α_t = exp(Δ_t A_t),   γ_t = λ_t Δ_t,   β_t = (1 − λ_t) Δ_t α_t
+       h_t = α_t h_{t−1} + β_t P_{t−1} + γ_t P_t,   P_t = Σ_r X_t[r] K_t[r]ᵀ ∈ R^{H×Z}
+
+   (λ is the reference's ``sigmoid(trap)``; λ ≡ 1 gives Mamba-2's Euler rule h_t = α_t h_{t−1} + Δ_t B_t x_t.)
+   The state before the first token carries P_{−1} from the previous call (zero for a fresh sequence).
+2. Complex state as data-dependent RoPE: cumulative angles θ_t = θ_{t−1} + Δ_t ω_t (kept mod 2π; the
+   reference uses ω = π·tanh(angle_proj)), and K_t[r] = Rot(θ_t) B_t[r], Q_t[r] = Rot(θ_t) C_t[r], where Rot
+   rotates channel pair j (j < A) by θ_t[j] — pairs (2j, 2j+1) for ``rope="interleaved"`` (reference SISO) or
+   (j, j + Z/2) for ``rope="halves"`` (reference MIMO TileLang kernel); the other channels pass through.
+   Equivalently, for R=1 and Z = 2A, with b = B[0::2] + i B[1::2] etc., a complex diagonal state
+   h_t = exp(Δ_t (A_t − i ω_t)) (h_{t−1} + (1−λ_t) Δ_t b_{t−1} x_{t−1}ᵀ) + λ_t Δ_t b_t x_tᵀ, y_t = Re(c̄_tᵀ h_t).
+3. MIMO rank R: X_t[r] = x_t ⊙ W_x[r] (``x_proj_NRH``, the reference's ``mimo_x``; all-ones when omitted,
+   which with R=1 is SISO), so each step adds a rank-R sum of outer products, and the output has a rank
+   axis::
+
+       y_t[r] = h_t Q_t[r] + D X_t[r] ∈ R^H         (y_BTRNH; the mixer gates and sums it over r)
+
+Chunked form. With β̃_t = (1 − λ_t) Δ_t (so β_t = β̃_t α_t), the shifted state h̃_t = h_t + β̃_{t+1} P_t obeys
+a plain SSD recurrence with input scale s_t = γ_t + β̃_{t+1}:  h̃_t = α_t h̃_{t−1} + s_t P_t, and
+y_t[r] = h̃_t Q_t[r] − β̃_{t+1} Σ_q (Q_t[r]·K_t[q]) X_t[q] + D X_t[r]. Inside one call β̃_{T} := 0, so the
+final h̃ is the true final h, and h̃_{−1} = h_{−1} + β̃_0 P_{−1}. That SSD is computed chunk by chunk
+(intra-chunk quadratic form, chunk states, a scan over chunks), after rotating B and C.
+
+Everything is computed in float32; y is returned in x's dtype, the state stays float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from lmx.models.layers import dense_init
+
+TWO_PI = 2.0 * math.pi
+ROPE_LAYOUTS = ("interleaved", "halves")
+
+
+@flax.struct.dataclass
+class Mamba3State:
+    """Recurrent state of one Mamba-3 layer (float32).
+
+    ssm_BNHZ: h after the last token; angle_BNA: θ of the last token (mod 2π); B_prev_BRNZ: the last token's
+    *rotated* B (K); x_prev_BNH: the last token's x (before the MIMO x-projection). The last two give the
+    trapezoid's β_t P_{t−1} term at the next token.
+    """
+
+    ssm_BNHZ: jax.Array
+    angle_BNA: jax.Array
+    B_prev_BRNZ: jax.Array
+    x_prev_BNH: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, num_heads: int, head_dim: int, state_size: int, num_angles: int, rank: int = 1):
+        f = jnp.float32
+        return cls(
+            ssm_BNHZ=jnp.zeros((batch, num_heads, head_dim, state_size), f),
+            angle_BNA=jnp.zeros((batch, num_heads, num_angles), f),
+            B_prev_BRNZ=jnp.zeros((batch, rank, num_heads, state_size), f),
+            x_prev_BNH=jnp.zeros((batch, num_heads, head_dim), f),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation and shared pieces
+
+
+def _shape_error(name: str, got, want) -> ValueError:
+    return ValueError(f"{name} has shape {tuple(got)}, expected {tuple(want)}")
+
+
+def _check_shape(name: str, arr, want):
+    if arr is not None and tuple(arr.shape) != tuple(want):
+        raise _shape_error(name, arr.shape, want)
+
+
+def _prepare(x, dt, A, B, C, lam, omega, x_proj, D, state, rope, *, time_axis: bool):
+    """Validate shapes and bring everything to float32 with an explicit rank axis.
+
+    With time_axis, arrays are [B, T, ...]; without (decode step), [B, ...]. B/C may omit the rank axis
+    (SISO). Returns (arrays, siso) with B/C as [..., R, N, Z] and x_proj as [R, N, H].
+    """
+    if rope not in ROPE_LAYOUTS:
+        raise ValueError(f"rope={rope!r} must be one of {ROPE_LAYOUTS}")
+    lead = 2 if time_axis else 1
+    tag = "BT" if time_axis else "B"
+    if x.ndim != lead + 2:
+        raise ValueError(f"x_{tag}NH must have {lead + 2} dims, got shape {tuple(x.shape)}")
+    lead_shape = tuple(x.shape[:lead])
+    N, H = x.shape[lead:]
+    siso = B.ndim == lead + 2
+    if B.ndim not in (lead + 2, lead + 3):
+        raise ValueError(f"B must be [{tag}, N, Z] (SISO) or [{tag}, R, N, Z] (MIMO), got shape {tuple(B.shape)}")
+    R, Z = (1 if siso else B.shape[-3]), B.shape[-1]
+    if not siso and C.ndim == B.ndim and x_proj is not None and x_proj.ndim == 3:
+        ranks = {f"B_{tag}RNZ": R, f"C_{tag}RNZ": C.shape[-3], "x_proj_NRH": x_proj.shape[1]}
+        if len(set(ranks.values())) > 1:
+            raise ValueError(f"MIMO rank R disagrees: {', '.join(f'{k} has R={v}' for k, v in ranks.items())}")
+    want = lead_shape + ((N, Z) if siso else (R, N, Z))
+    _check_shape(f"B_{tag}{'' if siso else 'R'}NZ", B, want)
+    _check_shape(f"C_{tag}{'' if siso else 'R'}NZ", C, want)
+    if siso:
+        B, C = B[..., None, :, :], C[..., None, :, :]
+    for name, arr in (("dt", dt), ("A", A), ("lam", lam)):
+        _check_shape(f"{name}_{tag}N", arr, lead_shape + (N,))
+    if omega.ndim != lead + 2 or tuple(omega.shape[:-1]) != lead_shape + (N,):
+        raise _shape_error(f"omega_{tag}NA", omega.shape, lead_shape + (N, "A"))
+    num_angles = omega.shape[-1]
+    if Z % 2 or not 0 <= num_angles <= Z // 2:
+        raise ValueError(f"state size Z={Z} must be even and hold the A={num_angles} rotary angles (A <= Z/2)")
+    if x_proj is None:
+        x_proj = jnp.ones((R, N, H), jnp.float32)
+    else:
+        _check_shape("x_proj_NRH", x_proj, (N, R, H))
+        x_proj = jnp.swapaxes(x_proj, 0, 1).astype(jnp.float32)
+    _check_shape("D_N", D, (N,))
+    if state is not None:
+        batch = lead_shape[0]
+        _check_shape("state.ssm_BNHZ", state.ssm_BNHZ, (batch, N, H, Z))
+        _check_shape("state.angle_BNA", state.angle_BNA, (batch, N, num_angles))
+        _check_shape("state.B_prev_BRNZ", state.B_prev_BRNZ, (batch, R, N, Z))
+        _check_shape("state.x_prev_BNH", state.x_prev_BNH, (batch, N, H))
+        state = jax.tree.map(lambda a: a.astype(jnp.float32), state)
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)
+    arrays = tuple(map(f32, (x, dt, A, B, C, lam, omega))) + (x_proj, f32(D), state)
+    return arrays, siso
+
+
+def rotate(v_Z, theta_A, rope: str = "interleaved"):
+    """Rotate channel pairs of v by the angles θ (the real form of multiplying by e^{iθ}).
+
+    v: [..., Z]; theta: [..., A] broadcastable against v's leading axes, A <= Z/2. Pair j < A is
+    (2j, 2j+1) for "interleaved" and (j, j + Z/2) for "halves"; other channels are unchanged.
+    """
+    Z, A = v_Z.shape[-1], theta_A.shape[-1]
+    if A == 0:
+        return v_Z
+    cos, sin = jnp.cos(theta_A), jnp.sin(theta_A)
+    if rope == "interleaved":
+        pairs = v_Z[..., : 2 * A].reshape(*v_Z.shape[:-1], A, 2)
+        v0, v1 = pairs[..., 0], pairs[..., 1]
+        rot = jnp.stack([v0 * cos - v1 * sin, v0 * sin + v1 * cos], axis=-1)
+        rot = rot.reshape(*rot.shape[:-2], 2 * A)
+        return jnp.concatenate([rot, jnp.broadcast_to(v_Z[..., 2 * A:], rot.shape[:-1] + (Z - 2 * A,))], -1)
+    if rope == "halves":
+        half = Z // 2
+        v0, v1 = v_Z[..., :half], v_Z[..., half:]
+        pad = [(0, 0)] * (theta_A.ndim - 1) + [(0, half - A)]
+        cos, sin = jnp.pad(cos, pad, constant_values=1.0), jnp.pad(sin, pad)
+        return jnp.concatenate([v0 * cos - v1 * sin, v0 * sin + v1 * cos], axis=-1)
+    raise ValueError(f"rope={rope!r} must be one of {ROPE_LAYOUTS}")
+
+
+def _wrap(theta):
+    return jnp.mod(theta, TWO_PI)
+
+
+def _finish(y_BTRNH, siso: bool, dtype):
+    y = y_BTRNH[..., 0, :, :] if siso else y_BTRNH
+    return y.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The three forms
+
+
+def mamba3_naive(
+    x_BTNH: Float[Array, "B T N H"],
+    dt_BTN: Float[Array, "B T N"],
+    A_BTN: Float[Array, "B T N"],
+    B_BTRNZ: Float[Array, "B T R N Z"],
+    C_BTRNZ: Float[Array, "B T R N Z"],
+    lam_BTN: Float[Array, "B T N"],
+    omega_BTNA: Float[Array, "B T N A"],
+    *,
+    x_proj_NRH: Float[Array, "N R H"] | None = None,
+    D_N: Float[Array, " N"] | None = None,
+    state: Mamba3State | None = None,
+    rope: str = "interleaved",
+):
+    """Ground truth: the literal recurrence h_t = α_t h_{t−1} + β_t P_{t−1} + γ_t P_t, one `lax.scan` step
+    per token. B/C may be [B, T, N, Z] (SISO; y is then [B, T, N, H]) or [B, T, R, N, Z] (y: [B, T, R, N, H]).
+    Returns (y, final Mamba3State)."""
+    (x, dt, A, B, C, lam, om, xp_RNH, D, state), siso = _prepare(
+        x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, x_proj_NRH, D_N, state, rope,
+        time_axis=True)
+    Bsz, T, N, H = x.shape
+    R, Z = B.shape[2], B.shape[-1]
+    if state is None:
+        state = Mamba3State.zeros(Bsz, N, H, Z, om.shape[-1], R)
+    theta_BTNA = state.angle_BNA[:, None] + jnp.cumsum(dt[..., None] * om, axis=1)
+    K = rotate(B, theta_BTNA[:, :, None], rope)  # [B, T, R, N, Z]
+    Q = rotate(C, theta_BTNA[:, :, None], rope)
+    X = x[:, :, None] * xp_RNH  # [B, T, R, N, H]
+    K_prev = jnp.concatenate([state.B_prev_BRNZ[:, None], K[:, :-1]], axis=1)
+    X_prev = jnp.concatenate([state.x_prev_BNH[:, None, None] * xp_RNH, X[:, :-1]], axis=1)
+
+    def body(h_BNHZ, inp):
+        x_t, xp_t, k_t, kp_t, q_t, dt_t, a_t, lam_t = inp
+        alpha = jnp.exp(dt_t * a_t)[..., None, None]
+        beta = ((1.0 - lam_t) * dt_t)[..., None, None] * alpha
+        gamma = (lam_t * dt_t)[..., None, None]
+        h = (alpha * h_BNHZ + beta * jnp.einsum("BRNH,BRNZ->BNHZ", xp_t, kp_t)
+             + gamma * jnp.einsum("BRNH,BRNZ->BNHZ", x_t, k_t))
+        y = jnp.einsum("BNHZ,BRNZ->BRNH", h, q_t)
+        if D is not None:
+            y = y + D[:, None] * x_t
+        return h, y
+
+    time_major = lambda a: jnp.moveaxis(a, 1, 0)
+    inputs = tuple(map(time_major, (X, X_prev, K, K_prev, Q, dt, A, lam)))
+    h, y_TBRNH = jax.lax.scan(body, state.ssm_BNHZ, inputs)
+    final = Mamba3State(ssm_BNHZ=h, angle_BNA=_wrap(theta_BTNA[:, -1]), B_prev_BRNZ=K[:, -1], x_prev_BNH=x[:, -1])
+    return _finish(jnp.moveaxis(y_TBRNH, 0, 1), siso, x_BTNH.dtype), final
+
+
+def mamba3_step(
+    state: Mamba3State,
+    x_BNH: Float[Array, "B N H"],
+    dt_BN: Float[Array, "B N"],
+    A_BN: Float[Array, "B N"],
+    B_BRNZ: Float[Array, "B R N Z"],
+    C_BRNZ: Float[Array, "B R N Z"],
+    lam_BN: Float[Array, "B N"],
+    omega_BNA: Float[Array, "B N A"],
+    *,
+    x_proj_NRH: Float[Array, "N R H"] | None = None,
+    D_N: Float[Array, " N"] | None = None,
+    rope: str = "interleaved",
+):
+    """One decode token in O(1): advance θ, rotate B/C, apply the trapezoid with the carried (K, x) of the
+    previous token. B/C may be [B, N, Z] (SISO; y: [B, N, H]) or [B, R, N, Z] (y: [B, R, N, H]).
+    Returns (y, new Mamba3State)."""
+    (x, dt, A, B, C, lam, om, xp_RNH, D, state), siso = _prepare(
+        x_BNH, dt_BN, A_BN, B_BRNZ, C_BRNZ, lam_BN, omega_BNA, x_proj_NRH, D_N, state, rope, time_axis=False)
+    theta_BNA = _wrap(state.angle_BNA + dt[..., None] * om)
+    K = rotate(B, theta_BNA[:, None], rope)  # [B, R, N, Z]
+    Q = rotate(C, theta_BNA[:, None], rope)
+    X = x[:, None] * xp_RNH  # [B, R, N, H]
+    X_prev = state.x_prev_BNH[:, None] * xp_RNH
+    alpha = jnp.exp(dt * A)
+    beta = (1.0 - lam) * dt * alpha
+    gamma = lam * dt
+    e = lambda v: v[..., None, None]
+    h = (e(alpha) * state.ssm_BNHZ + e(beta) * jnp.einsum("BRNH,BRNZ->BNHZ", X_prev, state.B_prev_BRNZ)
+         + e(gamma) * jnp.einsum("BRNH,BRNZ->BNHZ", X, K))
+    y = jnp.einsum("BNHZ,BRNZ->BRNH", h, Q)
+    if D is not None:
+        y = y + D[:, None] * X
+    new_state = Mamba3State(ssm_BNHZ=h, angle_BNA=theta_BNA, B_prev_BRNZ=K, x_prev_BNH=x)
+    y = y[:, 0] if siso else y
+    return y.astype(x_BNH.dtype), new_state
+
+
+def _add_mod_2pi(a, b):
+    return _wrap(a + b)
+
+
+def mamba3_chunked(
+    x_BTNH: Float[Array, "B T N H"],
+    dt_BTN: Float[Array, "B T N"],
+    A_BTN: Float[Array, "B T N"],
+    B_BTRNZ: Float[Array, "B T R N Z"],
+    C_BTRNZ: Float[Array, "B T R N Z"],
+    lam_BTN: Float[Array, "B T N"],
+    omega_BTNA: Float[Array, "B T N A"],
+    *,
+    chunk_size: int,
+    x_proj_NRH: Float[Array, "N R H"] | None = None,
+    D_N: Float[Array, " N"] | None = None,
+    state: Mamba3State | None = None,
+    rope: str = "interleaved",
+):
+    """Chunked (block-decomposition) form for training and prefill: the trapezoid rewritten as an SSD with
+    input scale s_t = λ_t Δ_t + (1 − λ_{t+1}) Δ_{t+1} over RoPE-rotated B/C, plus a diagonal correction
+    (module docstring). T need not be a multiple of chunk_size (the tail is padded with Δ = 0, which leaves
+    the state unchanged). Same arguments and return value as `mamba3_naive`."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    (x, dt, A, B, C, lam, om, xp_RNH, D, state), siso = _prepare(
+        x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, x_proj_NRH, D_N, state, rope,
+        time_axis=True)
+    Bsz, T, N, H = x.shape
+    R, Z = B.shape[2], B.shape[-1]
+    if state is None:
+        state = Mamba3State.zeros(Bsz, N, H, Z, om.shape[-1], R)
+    Cl = chunk_size
+    nk = -(-T // Cl)
+    pad = nk * Cl - T
+
+    def padt(a):  # zero-pad the time axis (Δ = 0 there: no decay, no input, no rotation)
+        return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
+
+    x, dt, A, B, C, lam, om = map(padt, (x, dt, A, B, C, lam, om))
+    chunks = lambda a: a.reshape(Bsz, nk, Cl, *a.shape[2:])  # [B, T, ...] -> [B, k, C, ...]
+
+    # Cumulative angles: cumsum inside each chunk, chunk offsets by a mod-2π scan (keeps θ small for long T).
+    local_BkCNA = jnp.cumsum(chunks(dt[..., None] * om), axis=2)
+    starts_BkNA = jnp.concatenate([state.angle_BNA[:, None], _wrap(local_BkCNA[:, :-1, -1])], axis=1)
+    offsets_BkNA = jax.lax.associative_scan(_add_mod_2pi, starts_BkNA, axis=1)
+    theta_BkCNA = offsets_BkNA[:, :, None] + local_BkCNA
+    K = rotate(chunks(B), theta_BkCNA[:, :, :, None], rope)  # [B, k, C, R, N, Z]
+    Q = rotate(chunks(C), theta_BkCNA[:, :, :, None], rope)
+    X = chunks(x)[:, :, :, None] * xp_RNH  # [B, k, C, R, N, H]
+
+    # Trapezoid coefficients. bt = β̃_t = (1 − λ_t) Δ_t; bt_next_t = β̃_{t+1} (0 after the last token).
+    bt = (1.0 - lam) * dt
+    bt_next = jnp.concatenate([bt[:, 1:], jnp.zeros_like(bt[:, :1])], axis=1)
+    s_BkCN = chunks(lam * dt + bt_next)
+    L_BkCN = jnp.cumsum(chunks(A * dt), axis=2)  # log-decay from the chunk start, inclusive
+
+    # Intra-chunk (quadratic) part: y_t[r] += Σ_{s<=t} e^{L_t − L_s} s_s Σ_q (Q_t[r]·K_s[q]) X_s[q].
+    diff = L_BkCN[:, :, :, None, :] - L_BkCN[:, :, None, :, :]  # [B, k, t, s, N]
+    causal = jnp.tril(jnp.ones((Cl, Cl), bool))[None, None, :, :, None]
+    W_BkCCN = jnp.exp(jnp.where(causal, diff, -jnp.inf)) * s_BkCN[:, :, None, :, :]
+    G = jnp.einsum("BktrNZ,BksqNZ->BktrsqN", Q, K)
+    y = jnp.einsum("BktrsqN,BktsN,BksqNH->BktrNH", G, W_BkCCN, X)
+
+    # Chunk states (contribution of each chunk to h̃ at its end) and the scan over chunks.
+    to_end = jnp.exp(L_BkCN[:, :, -1:] - L_BkCN) * s_BkCN  # [B, k, C, N]
+    S_BkNHZ = jnp.einsum("BksN,BksqNH,BksqNZ->BkNHZ", to_end, X, K)
+    X_prev = state.x_prev_BNH[:, None] * xp_RNH
+    h0 = state.ssm_BNHZ + bt[:, 0, :, None, None] * jnp.einsum("BRNH,BRNZ->BNHZ", X_prev, state.B_prev_BRNZ)
+    chunk_decay_BkN = jnp.exp(L_BkCN[:, :, -1])
+
+    def carry_over(h, inp):
+        decay_BN, S_BNHZ = inp
+        return decay_BN[..., None, None] * h + S_BNHZ, h
+
+    h_final, h_in_kBNHZ = jax.lax.scan(carry_over, h0, (jnp.moveaxis(chunk_decay_BkN, 1, 0),
+                                                         jnp.moveaxis(S_BkNHZ, 1, 0)))
+    y = y + jnp.einsum("BktN,BktrNZ,kBNHZ->BktrNH", jnp.exp(L_BkCN), Q, h_in_kBNHZ)
+
+    # h_t = h̃_t − β̃_{t+1} P_t: remove the part of P_t that only enters at t+1; then the D skip.
+    G_diag = jnp.einsum("BktrNZ,BktqNZ->BktrqN", Q, K)
+    y = y - jnp.einsum("BktN,BktrqN,BktqNH->BktrNH", chunks(bt_next), G_diag, X)
+    if D is not None:
+        y = y + D[:, None] * X
+    y = y.reshape(Bsz, nk * Cl, R, N, H)[:, :T]
+
+    last = lambda a: a.reshape(Bsz, nk * Cl, *a.shape[3:])[:, T - 1]
+    final = Mamba3State(ssm_BNHZ=h_final, angle_BNA=_wrap(last(theta_BkCNA)), B_prev_BRNZ=last(K),
+                        x_prev_BNH=x[:, T - 1])
+    return _finish(y, siso, x_BTNH.dtype), final
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Linen mixer
+
+
+def _rms(v, eps):
+    return v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
+    """Inverse-softplus of Δ ~ log-uniform[dt_min, dt_max] (clamped at floor), as in Mamba-2/3."""
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+class Mamba3Mixer(nn.Module):
+    """Mamba-3 mixer: in-projection -> Mamba-3 SSM -> gated RMSNorm -> out-projection.
+
+    Follows ``mamba_ssm/modules/mamba3.py`` (with ``is_outproj_norm=True``, ``ngroups=1``): from x the
+    in-projection makes z, x [N, H], B, C [R, Z], and per head dd_Δ, dd_A, λ-logit, plus A angle logits shared
+    by the heads; Δ = softplus(dd_Δ + dt_bias), A = min(−softplus(dd_A), −A_floor), λ = sigmoid(·),
+    ω = π·tanh(·); B, C are RMS-normed over Z, then get a per-(head, rank) bias (init 1). No short conv.
+    MIMO (mimo_rank > 1) adds W_x, W_z, W_o [N, R, H]: X[r] = x ⊙ W_x[r], the output of rank r is
+    RMSNorm_H(y[r]) ⊙ silu(z ⊙ W_z[r]), and the ranks are summed with weights W_o[r].
+
+    ``__call__(x_BTD, state=None) -> (y_BTD, Mamba3State)``: the chunked form for any T (prefill/training,
+    starting from `state` or zeros), the O(1) step when a state is given and T == 1.
+    """
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    state_size: int = 64
+    mimo_rank: int = 1
+    rope_fraction: float = 0.5
+    chunk_size: int = 64
+    rope: str | None = None  # None: "interleaved" for SISO, "halves" for MIMO, as the reference kernels do
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_floor: float = 1e-4
+    norm_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @property
+    def num_angles(self) -> int:
+        return int(self.state_size * self.rope_fraction) // 2
+
+    def _check(self):
+        for name in ("d_model", "num_heads", "head_dim", "state_size", "mimo_rank", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Mamba3Mixer.{name}={getattr(self, name)} must be > 0")
+        if self.state_size % 2:
+            raise ValueError(f"Mamba3Mixer.state_size={self.state_size} must be even (rotary pairs)")
+        if not 0.0 < self.rope_fraction <= 1.0 or self.num_angles < 1:
+            raise ValueError(f"Mamba3Mixer.rope_fraction={self.rope_fraction} must be in (0, 1] and give at "
+                             f"least one rotary angle for state_size={self.state_size}")
+
+    @nn.compact
+    def __call__(self, x_BTD, state: Mamba3State | None = None):
+        self._check()
+        D, N, H, Z, R, A = self.d_model, self.num_heads, self.head_dim, self.state_size, self.mimo_rank, self.num_angles
+        if x_BTD.ndim != 3 or x_BTD.shape[-1] != D:
+            raise ValueError(f"x_BTD has shape {tuple(x_BTD.shape)}, expected [B, T, {D}]")
+        pd, dt_ = self.param_dtype, self.dtype
+        rope = self.rope or ("interleaved" if R == 1 else "halves")
+        lp = nn.with_logical_partitioning
+        w = lambda name, shape, axes: self.param(name, dense_init(D, axes), shape, pd).astype(dt_)
+        x = x_BTD.astype(dt_)
+        z_BTNH = jnp.einsum("BTD,DNH->BTNH", x, w("in_z", (D, N, H), ("embed", "heads", "head_dim")))
+        x_BTNH = jnp.einsum("BTD,DNH->BTNH", x, w("in_x", (D, N, H), ("embed", "heads", "head_dim")))
+        B_BTRZ = jnp.einsum("BTD,DRZ->BTRZ", x, w("in_B", (D, R, Z), ("embed", None, None)))
+        C_BTRZ = jnp.einsum("BTD,DRZ->BTRZ", x, w("in_C", (D, R, Z), ("embed", None, None)))
+        dd_BTN3 = jnp.einsum("BTD,DNk->BTNk", x, w("in_dt_A_trap", (D, N, 3), ("embed", "heads", None)))
+        ang_BTA = jnp.einsum("BTD,DA->BTA", x, w("in_angles", (D, A), ("embed", None)))
+
+        f32 = jnp.float32
+        dt_bias_N = self.param("dt_bias", lp(_dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+                                             ("heads",)), (N,), f32)
+        dd_BTN3 = dd_BTN3.astype(f32)
+        dt_BTN = jax.nn.softplus(dd_BTN3[..., 0] + dt_bias_N)
+        A_BTN = jnp.minimum(-jax.nn.softplus(dd_BTN3[..., 1]), -self.A_floor)
+        lam_BTN = jax.nn.sigmoid(dd_BTN3[..., 2])
+        omega_BTNA = jnp.broadcast_to((math.pi * jnp.tanh(ang_BTA.astype(f32)))[:, :, None], (*x.shape[:2], N, A))
+
+        ones = lambda axes: lp(nn.initializers.ones, axes)
+        bc = {}
+        for name, v in (("B", B_BTRZ), ("C", C_BTRZ)):
+            scale_Z = self.param(f"{name}_norm", ones(("norm",)), (Z,), pd).astype(f32)
+            bias_NRZ = self.param(f"{name}_bias", ones(("heads", None, None)), (N, R, Z), pd).astype(f32)
+            v = _rms(v.astype(f32), self.norm_eps) * scale_Z
+            bc[name] = v[:, :, :, None, :] + jnp.transpose(bias_NRZ, (1, 0, 2))  # [B, T, R, N, Z]
+
+        def const(value):
+            return lambda key, shape, dtype=f32: jnp.full(shape, value, dtype)
+
+        mimo = lambda name, value: self.param(name, lp(const(value), ("heads", None, "head_dim")), (N, R, H), f32)
+        x_proj_NRH = mimo("mimo_x", 1.0 / R) if R > 1 else None
+        D_N = self.param("D", ones(("heads",)), (N,), f32)
+
+        args = (x_BTNH, dt_BTN, A_BTN, bc["B"], bc["C"], lam_BTN, omega_BTNA)
+        kw = dict(x_proj_NRH=x_proj_NRH, D_N=D_N, rope=rope)
+        if state is not None and x.shape[1] == 1:
+            y_BRNH, new_state = mamba3_step(state, *(a[:, 0] for a in args), **kw)
+            y_BTRNH = y_BRNH[:, None]
+        else:
+            y_BTRNH, new_state = mamba3_chunked(*args, chunk_size=self.chunk_size, state=state, **kw)
+
+        # Gated RMSNorm per head (norm before gate), then the MIMO down-projection over ranks.
+        norm_NH = self.param("out_norm", ones(("heads", "head_dim")), (N, H), pd).astype(f32)
+        z = z_BTNH.astype(f32)[:, :, None]  # [B, T, 1, N, H]
+        if R > 1:
+            z = z * jnp.transpose(mimo("mimo_z", 1.0), (1, 0, 2))
+        y = _rms(y_BTRNH.astype(f32), self.norm_eps) * norm_NH * jax.nn.silu(z)
+        if R > 1:
+            y_BTNH = jnp.einsum("BTRNH,NRH->BTNH", y, mimo("mimo_o", 1.0 / R))
+        else:
+            y_BTNH = y[:, :, 0]
+        w_out = self.param("out", dense_init(N * H, ("heads", "head_dim", "embed")), (N, H, D), pd)
+        y_BTD = jnp.einsum("BTNH,NHD->BTD", y_BTNH.astype(dt_), w_out.astype(dt_))
+        return y_BTD, new_state

@@ -1,0 +1,225 @@
+"""Mamba-3: chunked == recurrent step loop == sequential scan; degenerate cases pin the semantics."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmx.models.mamba3 import Mamba3Mixer, Mamba3State, mamba3_chunked, mamba3_naive, mamba3_step, rotate
+
+naive = jax.jit(mamba3_naive, static_argnames=("rope",))
+chunked = jax.jit(mamba3_chunked, static_argnames=("chunk_size", "rope"))
+step = jax.jit(mamba3_step, static_argnames=("rope",))
+
+BATCH, T, N, H, Z, A = 2, 13, 2, 4, 8, 3  # A < Z/2: one channel pair does not rotate
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def make_inputs(seed: int, rank: int | None, *, lam=None, omega=None):
+    """rank=None: SISO arrays (B/C without a rank axis, no x_proj)."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    R = rank or 1
+    bc = (BATCH, T, N, Z) if rank is None else (BATCH, T, R, N, Z)
+    args = dict(
+        x_BTNH=f(BATCH, T, N, H),
+        dt_BTN=np.log1p(np.exp(f(BATCH, T, N) - 1.0)),
+        A_BTN=-np.exp(0.5 * f(BATCH, T, N)),
+        B_BTRNZ=f(*bc),
+        C_BTRNZ=f(*bc),
+        lam_BTN=1.0 / (1.0 + np.exp(-f(BATCH, T, N))) if lam is None else np.full((BATCH, T, N), lam, np.float32),
+        omega_BTNA=np.pi * np.tanh(f(BATCH, T, N, A)) if omega is None else np.full((BATCH, T, N, A), omega,
+                                                                                  np.float32),
+    )
+    kw = dict(D_N=f(N), x_proj_NRH=None if rank is None else f(N, R, H))
+    return args, kw
+
+
+def random_state(seed: int, rank: int) -> Mamba3State:
+    rng = np.random.default_rng(seed)
+    return Mamba3State(
+        ssm_BNHZ=jnp.asarray(rng.standard_normal((BATCH, N, H, Z)), jnp.float32),
+        angle_BNA=jnp.asarray(rng.uniform(0, 2 * np.pi, (BATCH, N, A)), jnp.float32),
+        B_prev_BRNZ=jnp.asarray(rng.standard_normal((BATCH, rank, N, Z)), jnp.float32),
+        x_prev_BNH=jnp.asarray(rng.standard_normal((BATCH, N, H)), jnp.float32),
+    )
+
+
+def zero_state(rank: int | None) -> Mamba3State:
+    return Mamba3State.zeros(BATCH, N, H, Z, A, rank or 1)
+
+
+def step_loop(args, kw, state):
+    ys = []
+    for t in range(T):
+        y, state = step(state, *(a[:, t] for a in args.values()), **kw)
+        ys.append(y)
+    return jnp.stack(ys, axis=1), state
+
+
+def assert_states_close(s1: Mamba3State, s2: Mamba3State):
+    np.testing.assert_allclose(s1.ssm_BNHZ, s2.ssm_BNHZ, **TOL)
+    np.testing.assert_allclose(s1.B_prev_BRNZ, s2.B_prev_BRNZ, **TOL)
+    np.testing.assert_allclose(s1.x_prev_BNH, s2.x_prev_BNH, **TOL)
+    dangle = np.angle(np.exp(1j * (np.asarray(s1.angle_BNA, np.float64) - np.asarray(s2.angle_BNA))))
+    np.testing.assert_allclose(dangle, 0.0, atol=1e-5)  # angles agree mod 2π
+
+
+@pytest.mark.parametrize("rank", [None, 3], ids=["siso", "mimo"])
+def test_chunked_equals_step_loop_equals_naive(rank):
+    args, kw = make_inputs(0, rank)
+    state = random_state(1, rank or 1)
+    y_ref, s_ref = naive(*args.values(), state=state, **kw)
+    assert y_ref.shape == ((BATCH, T, N, H) if rank is None else (BATCH, T, rank, N, H))
+    y_step, s_step = step_loop(args, kw, state)
+    np.testing.assert_allclose(y_step, y_ref, **TOL)
+    assert_states_close(s_step, s_ref)
+    for chunk_size in (4, 16) if rank is None else (5, 13):  # 13 % 4, 13 % 5 != 0; 16 > T; 13 == T
+        y, s = chunked(*args.values(), chunk_size=chunk_size, state=state, **kw)
+        np.testing.assert_allclose(y, y_ref, **TOL)
+        assert_states_close(s, s_ref)
+
+
+def numpy_complex_reference(args, kw):
+    """The complex-diagonal form: b = B[0::2] + i B[1::2] (pairs past A have ω = 0), eigenvalue Δ(A − iω),
+    h_t = e^{Δ_t(A_t − iω_t)} (h_{t−1} + (1−λ_t)Δ_t P_{t−1}) + λ_t Δ_t P_t, y_t[r] = Re(c̄_t[r]ᵀ h_t) + D X_t[r]."""
+    a = {k: np.asarray(v, np.float64) for k, v in args.items()}
+    B, C = a["B_BTRNZ"], a["C_BTRNZ"]
+    if B.ndim == 4:
+        B, C = B[:, :, None], C[:, :, None]
+    R = B.shape[2]
+    xp = np.ones((N, R, H)) if kw["x_proj_NRH"] is None else np.asarray(kw["x_proj_NRH"], np.float64)
+    b, c = B[..., 0::2] + 1j * B[..., 1::2], C[..., 0::2] + 1j * C[..., 1::2]
+    omega = np.concatenate([a["omega_BTNA"], np.zeros((BATCH, T, N, Z // 2 - A))], axis=-1)
+    X = a["x_BTNH"][:, :, None] * xp.transpose(1, 0, 2)  # [B, T, R, N, H]
+    dt, lam = a["dt_BTN"], a["lam_BTN"]
+    h = np.zeros((BATCH, N, H, Z // 2), complex)
+    P_prev = np.zeros_like(h)
+    ys = []
+    for t in range(T):
+        P = np.einsum("brnh,brnz->bnhz", X[:, t], b[:, t])
+        eig = np.exp(dt[:, t, :, None] * (a["A_BTN"][:, t, :, None] - 1j * omega[:, t]))  # [B, N, Z/2]
+        h = eig[:, :, None] * (h + ((1 - lam[:, t]) * dt[:, t])[..., None, None] * P_prev)
+        h = h + (lam[:, t] * dt[:, t])[..., None, None] * P
+        y = np.einsum("bnhz,brnz->brnh", h, np.conj(c[:, t])).real + np.asarray(kw["D_N"])[:, None] * X[:, t]
+        ys.append(y)
+        P_prev = P
+    y = np.stack(ys, axis=1)
+    return y[:, :, 0] if args["B_BTRNZ"].ndim == 4 else y
+
+
+@pytest.mark.parametrize("rank", [None, 3], ids=["siso", "mimo"])
+def test_rotations_equal_complex_diagonal_state(rank):
+    args, kw = make_inputs(3, rank)
+    y_ref = numpy_complex_reference(args, kw)
+    y, _ = naive(*args.values(), state=zero_state(rank), **kw)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    y, _ = chunked(*args.values(), chunk_size=5 if rank else 4, state=zero_state(rank), **kw)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [None, 3], ids=["siso", "mimo"])
+def test_lambda_one_no_rotation_is_mamba2_euler(rank):
+    """λ = 1, ω = 0: h_t = exp(Δ_t A_t) h_{t−1} + Δ_t Σ_r X_t[r] B_t[r]ᵀ, y_t[r] = h_t C_t[r] + D X_t[r]."""
+    args, kw = make_inputs(4, rank, lam=1.0, omega=0.0)
+    a = {k: np.asarray(v, np.float64) for k, v in args.items()}
+    B, C = (a["B_BTRNZ"], a["C_BTRNZ"]) if rank else (a["B_BTRNZ"][:, :, None], a["C_BTRNZ"][:, :, None])
+    xp = np.ones((N, 1, H)) if rank is None else np.asarray(kw["x_proj_NRH"], np.float64)
+    X = a["x_BTNH"][:, :, None] * xp.transpose(1, 0, 2)
+    h = np.zeros((BATCH, N, H, Z))
+    ys = []
+    for t in range(T):
+        dt = a["dt_BTN"][:, t, :, None, None]
+        h = np.exp(dt * a["A_BTN"][:, t, :, None, None]) * h + dt * np.einsum("brnh,brnz->bnhz", X[:, t], B[:, t])
+        ys.append(np.einsum("bnhz,brnz->brnh", h, C[:, t]) + np.asarray(kw["D_N"])[:, None] * X[:, t])
+    y_ref = np.stack(ys, axis=1)
+    y_ref = y_ref if rank else y_ref[:, :, 0]
+    state = zero_state(rank)  # explicit zeros: the same compiled programs as the tests above
+    for y, _ in (naive(*args.values(), state=state, **kw),
+                 chunked(*args.values(), chunk_size=5 if rank else 4, state=state, **kw)):
+        np.testing.assert_allclose(y, y_ref, **TOL)
+
+
+def test_halves_layout_is_a_permutation_of_interleaved():
+    perm = np.stack([np.arange(Z // 2), np.arange(Z // 2) + Z // 2], axis=-1).reshape(-1)  # 0, Z/2, 1, Z/2+1..
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((3, N, Z)).astype(np.float32)
+    theta = rng.standard_normal((3, N, A)).astype(np.float32)
+    np.testing.assert_allclose(rotate(v, theta, "halves")[..., perm], rotate(v[..., perm], theta, "interleaved"),
+                               rtol=1e-6, atol=1e-6)
+    # End to end: the halves layout equals interleaved on permuted state channels.
+    args, kw = make_inputs(6, 3)
+    y_int, s_int = naive(*args.values(), state=zero_state(3), **kw)
+    inv = np.argsort(perm)
+    permuted = dict(args, B_BTRNZ=args["B_BTRNZ"][..., inv], C_BTRNZ=args["C_BTRNZ"][..., inv])
+    y_half, s_half = naive(*permuted.values(), rope="halves", state=zero_state(3), **kw)
+    np.testing.assert_allclose(y_half, y_int, **TOL)
+    np.testing.assert_allclose(np.asarray(s_half.ssm_BNHZ)[..., perm], s_int.ssm_BNHZ, **TOL)
+
+
+def test_bad_inputs_raise_clear_errors():
+    args, kw = make_inputs(7, 3)
+    for bad in (0, -2, 2.0):
+        with pytest.raises(ValueError, match=f"chunk_size={bad}"):
+            mamba3_chunked(*args.values(), chunk_size=bad, **kw)
+    cases = {
+        "C_BTRNZ": dict(args, C_BTRNZ=args["C_BTRNZ"][..., :6]),
+        "dt_BTN": dict(args, dt_BTN=args["dt_BTN"][:, :5]),
+        "omega_BTNA": dict(args, omega_BTNA=args["omega_BTNA"][:, :, :1]),
+        "A=5 rotary angles": dict(args, omega_BTNA=np.zeros((BATCH, T, N, 5), np.float32)),
+    }
+    for name, bad_args in cases.items():
+        with pytest.raises(ValueError, match=name):
+            mamba3_naive(*bad_args.values(), **kw)
+    with pytest.raises(ValueError, match="x_proj_NRH has R=2"):
+        mamba3_naive(*args.values(), D_N=kw["D_N"], x_proj_NRH=kw["x_proj_NRH"][:, :2])
+    with pytest.raises(ValueError, match=r"x_proj_NRH has shape \(2, 3, 3\)"):
+        mamba3_naive(*args.values(), D_N=kw["D_N"], x_proj_NRH=kw["x_proj_NRH"][..., :3])
+    with pytest.raises(ValueError, match="state.B_prev_BRNZ"):
+        mamba3_chunked(*args.values(), chunk_size=4, state=random_state(0, 2), **kw)
+    with pytest.raises(ValueError, match="rope='complex'"):
+        mamba3_naive(*args.values(), rope="complex", **kw)
+    with pytest.raises(ValueError, match="B_BRNZ has R=2"):
+        mamba3_step(random_state(0, 3), *(a[:, 0] for a in dict(args, B_BTRNZ=args["B_BTRNZ"][:, :, :2]).values()),
+                    **kw)
+
+
+def random_params(mixer, x_BTD, seed=0):
+    """Random values in the shapes `mixer.init` gives (eval_shape: no compile of the initialisers)."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(mixer.init, jax.random.PRNGKey(0), x_BTD)["params"]
+    return jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype), nn.unbox(abstract))
+
+
+def test_mixer_decode_steps_equal_full_forward():
+    """The chunked path (T > 1, no state: zeros) and the step path (T == 1 from a zero state) agree."""
+    mixer = Mamba3Mixer(d_model=16, num_heads=2, head_dim=8, state_size=8, mimo_rank=2, chunk_size=4)
+    x_BTD = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16))
+    params = random_params(mixer, x_BTD)
+    apply = jax.jit(mixer.apply)
+    y_full, s_full = apply({"params": params}, x_BTD)
+    assert y_full.shape == x_BTD.shape and bool(jnp.all(jnp.isfinite(y_full)))
+    state = Mamba3State.zeros(2, 2, 8, 8, mixer.num_angles, 2)
+    ys = []
+    for t in range(x_BTD.shape[1]):
+        y_t, state = apply({"params": params}, x_BTD[:, t : t + 1], state)
+        ys.append(y_t)
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y_full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state.ssm_BNHZ, s_full.ssm_BNHZ, rtol=1e-4, atol=1e-5)
+
+
+def test_mixer_params_and_errors():
+    x_BTD = jnp.zeros((2, 5, 16))
+    siso = Mamba3Mixer(d_model=16, num_heads=2, head_dim=8, state_size=8)
+    abstract = nn.unbox(jax.eval_shape(siso.init, jax.random.PRNGKey(0), x_BTD)["params"])
+    assert "mimo_x" not in abstract and abstract["in_B"].shape == (16, 1, 8)
+    assert abstract["in_angles"].shape == (16, 2)  # rope_fraction 0.5 of Z=8 -> 2 angles
+    y, state = jax.eval_shape(siso.apply, {"params": abstract}, x_BTD)
+    assert y.shape == x_BTD.shape and state.B_prev_BRNZ.shape == (2, 1, 2, 8)
+    with pytest.raises(ValueError, match="x_BTD"):
+        jax.eval_shape(siso.apply, {"params": abstract}, x_BTD[..., :8])
+    with pytest.raises(ValueError, match="state_size=7"):
+        jax.eval_shape(Mamba3Mixer(16, 2, 8, state_size=7).init, jax.random.PRNGKey(0), x_BTD)
