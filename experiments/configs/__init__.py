@@ -1,0 +1,1 @@
+"""ml_collections configs for the studies in `experiments/`; each exposes `get_config(arg)`."""

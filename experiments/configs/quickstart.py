@@ -1,0 +1,25 @@
+"""`make demo`: SFT of a 2-layer transformer on up-to-3-digit addition with column-by-column CoT.
+
+Measured on a loaded 2-core CPU: 500 steps reach ~98% exact-answer accuracy on held-out problems (see
+README). Scale up with e.g. `--config.train.steps=2000 --config.task.kwargs.ops="('+','-')"`.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from experiments.configs import sft
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    cfg = sft.get_config(arg)
+    if arg:  # the larger configs of the SFT study apply unchanged
+        return cfg
+    cfg.task.kwargs = {"num_digits": (1, 3), "ops": ("+",), "cot": "full"}
+    cfg.model.update({"d_model": 128, "num_layers": 2, "mlp_dim": 512, "num_heads": 4, "num_kv_heads": 4,
+                      "head_dim": 32, "max_seq_len": 128})
+    cfg.train.update({"batch_size": 64, "seq_len": 48, "log_every": 10, "eval_every": 0, "ckpt_every": 250})
+    cfg.train.steps = 600  # a FieldReference shared with optim.total_steps
+    cfg.optim.update({"lr": 3e-3, "warmup_steps": 100, "weight_decay": 0.01, "b2": 0.98})
+    cfg.eval.update({"num_problems": 200, "batch_size": 100, "max_new_tokens": 40})
+    return cfg

@@ -1,0 +1,22 @@
+"""Training: TrainState, optimizer, SFT losses and train step, checkpoints, metrics, the SFT loop."""
+
+from lmx.train.checkpoint import Checkpointer
+from lmx.train.loop import TrainResult, model_config, train
+from lmx.train.metrics import MetricsWriter, read_metrics
+from lmx.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
+from lmx.train.sft import (
+    LossFn,
+    distill_loss,
+    evaluate,
+    make_distill_loss,
+    make_train_step,
+    masked_cross_entropy,
+    sft_loss,
+)
+from lmx.train.state import TrainState, abstract_state, state_shardings
+
+__all__ = [
+    "Checkpointer", "LossFn", "MetricsWriter", "OptimConfig", "TrainState", "abstract_state", "decay_mask",
+    "distill_loss", "evaluate", "lr_schedule", "make_distill_loss", "make_optimizer", "make_train_step",
+    "masked_cross_entropy", "model_config", "read_metrics", "sft_loss", "state_shardings", "train", "TrainResult",
+]
