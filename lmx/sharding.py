@@ -52,7 +52,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
     """Context in which logical constraints inside models resolve against `mesh`."""
-    with mesh, nn.logical_axis_rules(rules):
+    # jax.set_mesh replaces the deprecated `with mesh:`; fall back to it on jax versions without set_mesh.
+    mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+    with mesh_ctx, nn.logical_axis_rules(rules):
         yield
 
 
