@@ -21,7 +21,9 @@ def write_report(run_dir: Path, history: list[dict], final_eval: dict | None, ti
         lines.append(f"- step {r['step']}: exact-answer accuracy {r['eval/accuracy']:.3f}, "
                      f"mean generated tokens {r['eval/gen_tokens']:.1f}, mean CoT tokens {r['eval/cot_tokens']:.1f}")
     if final_eval:
-        lines.append(f"- evaluated problems: {len(final_eval['samples'])} (greedy decoding, exact verifier)")
+        lines.append(f"- final evaluation, {len(final_eval['samples'])} problems, greedy decoding, exact verifier: "
+                     f"accuracy {final_eval['accuracy']:.3f}, mean generated tokens {final_eval['gen_tokens']:.1f}, "
+                     f"mean CoT tokens {final_eval['cot_tokens']:.1f}")
     lines += [f"- {n}" for n in notes or []]
     if train_rows:
         lines += ["", "![train loss](loss.png)"]
