@@ -29,6 +29,13 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    # Mamba-2 (lmx.models.ssm): the fused in-projection (z | x B C | dt) is not head-aligned, so the mixer's
+    # own axes stay replicated; its weights are still sharded over fsdp along "embed".
+    ("ssm_proj", None),
+    ("ssm_conv", None),
+    ("conv_width", None),
+    ("ssm_heads", None),
+    ("ssm_inner", None),
 )
 
 

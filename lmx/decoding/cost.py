@@ -5,7 +5,8 @@ Formulas (forward pass only, one multiply-add = 2 FLOPs):
   all parameters except the embedding lookup table (a gather, no FLOPs); with tied embeddings the table is
   the LM head, so it is counted once. Norm scales and biases are included (negligible).
 - attention FLOPs per token = 2 · 2 · L_attn · ctx · N · H (q·kᵀ and p·v over ctx keys, N heads of dim H),
-  where ctx = min(position + 1, sliding_window) keys are attended.
+  where ctx = min(position + 1, sliding_window) keys are attended. SSM (Mamba-2) layers count only their
+  projections (in matmul_params); the scan itself, O(N·H·Z) per token, is not counted.
 - KV-cache bytes per token = 2 (k and v) · L_attn · K · H · bytes(cfg.dtype).
 """
 
@@ -17,13 +18,22 @@ import numpy as np
 from lmx.models.config import ModelConfig
 
 
+def _ssm_layer_params(cfg: ModelConfig) -> int:
+    """A Mamba-2 block: in_proj, conv (+ bias), dt_bias, A_log, D, gated norm, out_proj (+ biases), block norm."""
+    s, D = cfg.ssm, cfg.d_model
+    P = s.inner_dim + s.conv_dim + s.num_heads  # in_proj outputs: z, xBC, dt
+    conv = s.conv_width * s.conv_dim + (s.conv_dim if s.use_conv_bias else 0)
+    return D * P + conv + 3 * s.num_heads + s.inner_dim + s.inner_dim * D + ((P + D) if s.use_bias else 0) + D
+
+
 def param_count(cfg: ModelConfig) -> int:
-    """Exact number of parameters of `lmx.models.build(cfg)` (attention-only layer patterns)."""
+    """Exact number of parameters of `lmx.models.build(cfg)` (attention, SSM and hybrid layer patterns)."""
     a = cfg.attention
     D, N, K, H, F, V = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim, cfg.vocab_size
     attn = D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0)
     layer = attn + 3 * D * F + 2 * D  # + attention and MLP norm scales
-    return V * D + cfg.num_layers * layer + D + (0 if cfg.tie_embeddings else D * V)
+    ssm = _ssm_layer_params(cfg) * cfg.num_ssm_layers if cfg.num_ssm_layers else 0
+    return V * D + cfg.num_attn_layers * layer + ssm + D + (0 if cfg.tie_embeddings else D * V)
 
 
 def matmul_params(cfg: ModelConfig) -> int:

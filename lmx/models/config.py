@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-LAYER_KINDS = ("attn",)  # "ssm" joins with the Mamba mixers.
+LAYER_KINDS = ("attn", "ssm")
+SSM_VARIANTS = ("mamba2",)  # "mamba3" joins when lmx.models.mamba3 gets its mixer
 ROPE_SCALINGS = (None, "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -13,6 +14,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _check(cond: bool, msg: str):
     if not cond:
         raise ValueError(msg)
+
+
+def repeating_unit(pattern: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest prefix that tiles `pattern`: ("ssm", "attn") for ("ssm", "attn") * 3."""
+    return next(pattern[:p] for p in range(1, len(pattern) + 1) if pattern == pattern[:p] * (len(pattern) // p))
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,54 @@ class AttentionConfig:
 
 
 @dataclass(frozen=True)
+class SSMConfig:
+    """Mamba-2 (SSD) mixer, as in `transformers` Mamba2: the inner width N·H must equal expand·d_model; B and C
+    are shared by groups of num_heads / n_groups heads. `variant` leaves room for "mamba3"."""
+
+    variant: str = "mamba2"
+    num_heads: int = 8  # N
+    head_dim: int = 16  # H
+    state_size: int = 16  # Z
+    n_groups: int = 1  # G
+    expand: int = 2
+    conv_width: int = 4  # W: causal depthwise conv over x, B, C
+    chunk_size: int = 64  # C: block size of the chunked SSD scan (prefill, training)
+    use_bias: bool = False  # in_proj / out_proj bias
+    use_conv_bias: bool = True
+    dt_limit: tuple[float, float] = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias)
+    dt_min: float = 0.001  # dt_bias init: softplus(dt_bias) log-uniform in [dt_min, dt_max], >= dt_floor
+    dt_max: float = 0.1
+    dt_floor: float = 1e-4
+    rollback_window: int = 4  # decode steps `truncate` can undo (see lmx.models.state); 0 disables
+    impl: str = "xla"  # kernel choice for the chunked scan, see lmx.pallas
+
+    def __post_init__(self):
+        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
+        _check(self.variant in SSM_VARIANTS, f"ssm.variant={self.variant!r} must be one of {SSM_VARIANTS}")
+        for name in ("num_heads", "head_dim", "state_size", "n_groups", "expand", "chunk_size"):
+            _check(getattr(self, name) > 0, f"ssm.{name}={getattr(self, name)} must be > 0")
+        _check(self.conv_width >= 2, f"ssm.conv_width={self.conv_width} must be >= 2")
+        _check(
+            self.num_heads % self.n_groups == 0,
+            f"ssm.n_groups={self.n_groups} must divide ssm.num_heads={self.num_heads}",
+        )
+        ok = len(self.dt_limit) == 2 and 0 <= self.dt_limit[0] < self.dt_limit[1]
+        _check(ok, f"ssm.dt_limit={self.dt_limit} must be (low, high) with 0 <= low < high")
+        _check(0 < self.dt_min <= self.dt_max, f"ssm.dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < min <= max")
+        _check(self.rollback_window >= 0, f"ssm.rollback_window={self.rollback_window} must be >= 0")
+        _check(self.impl in ("xla", "auto", "pallas"), f"ssm.impl={self.impl!r} must be xla|auto|pallas")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the depthwise conv: x (N·H), then B and C (G·Z each)."""
+        return self.inner_dim + 2 * self.n_groups * self.state_size
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 128
     d_model: int = 64
@@ -77,8 +131,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    ssm: SSMConfig | None = None  # required when layer_pattern has "ssm" layers
     # Variant blocks (None = off); filled in by later capabilities.
-    ssm: object | None = None
     exits: object | None = None
     parscale: object | None = None
     recursion: object | None = None
@@ -98,16 +152,27 @@ class ModelConfig:
         )
         bad = [k for k in self.layer_pattern if k not in LAYER_KINDS]
         _check(not bad, f"layer_pattern has unknown kinds {bad}; known: {LAYER_KINDS}")
+        if "ssm" in self.layer_pattern:
+            s = self.ssm
+            _check(isinstance(s, SSMConfig), f"layer_pattern has 'ssm' layers, so ssm must be an SSMConfig, got {s!r}")
+            _check(
+                s.inner_dim == s.expand * self.d_model,
+                f"ssm.num_heads * ssm.head_dim = {s.num_heads} * {s.head_dim} = {s.inner_dim} must equal the inner "
+                f"width ssm.expand * d_model = {s.expand} * {self.d_model} = {s.expand * self.d_model}",
+            )
 
     @property
     def num_attn_layers(self) -> int:
         return sum(k == "attn" for k in self.layer_pattern)
 
+    @property
+    def num_ssm_layers(self) -> int:
+        return sum(k == "ssm" for k in self.layer_pattern)
+
     def replace(self, **kw) -> ModelConfig:
         """dataclasses.replace, but a new num_layers re-tiles the layer pattern's repeating unit."""
         if "num_layers" in kw and "layer_pattern" not in kw:
-            pat, n = self.layer_pattern, kw["num_layers"]
-            unit = next(pat[:p] for p in range(1, len(pat) + 1) if pat == pat[:p] * (len(pat) // p))
+            n, unit = kw["num_layers"], repeating_unit(self.layer_pattern)
             if n % len(unit):
                 raise ValueError(f"num_layers={n} is not a multiple of the layer_pattern unit {unit}")
             kw["layer_pattern"] = unit * (n // len(unit))
@@ -134,6 +199,17 @@ _PRESETS: dict[str, ModelConfig] = {
     "swa-tiny": ModelConfig(
         vocab_size=128, d_model=64, num_layers=2, mlp_dim=192,
         attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16, sliding_window=8),
+    ),
+    # Mamba-2 (like HF Mamba2ForCausalLM: SSM blocks only, no MLP), and a hybrid: three SSM blocks per
+    # attention + MLP block, the 4-layer unit scanned twice.
+    "mamba2-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=2, layer_pattern=("ssm",) * 2, norm_eps=1e-5,
+        ssm=SSMConfig(num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=8),
+    ),
+    "hybrid-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=8, mlp_dim=192, layer_pattern=("ssm", "ssm", "ssm", "attn") * 2,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
+        ssm=SSMConfig(num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=8),
     ),
     # Real architectures (shapes only; weights come from load_hf).
     "llama3.2-1b": ModelConfig(

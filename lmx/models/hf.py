@@ -1,13 +1,19 @@
 """Hugging Face interop: `config.json` <-> ModelConfig and (sharded) safetensors <-> lmx params.
 
-Supported: `LlamaForCausalLM` (Llama 2/3, RoPE default/linear/llama3) and `Qwen2ForCausalLM` (Qwen2/2.5).
+Supported: `LlamaForCausalLM` (Llama 2/3, RoPE default/linear/llama3), `Qwen2ForCausalLM` (Qwen2/2.5) and
+`Mamba2ForCausalLM` (SSM layers only; attention/SSM hybrids have no HF equivalent).
 Weights are read with `safetensors` (numpy; bfloat16 via ml_dtypes), so loading needs no torch.
 
 Layouts. A torch Linear stores `[out, in]`; lmx stores `[in, ...out]` with heads split out:
   q_proj.weight [N*H, D] -> attn/q [D, N, H]     o_proj.weight [D, N*H] -> attn/o [N, H, D]
   gate_proj.weight [F, D] -> mlp/gate [D, F]     down_proj.weight [D, F] -> mlp/down [F, D]
   lm_head.weight [V, D] -> lm_head [D, V]        embed_tokens.weight [V, D] -> embed/embedding [V, D]
-and per-layer tensors are stacked on a leading L axis.
+and per-layer tensors are stacked on a leading L axis. Mamba2 keeps HF's fused layouts:
+  mixer.in_proj.weight [2I+2GZ+N, D] -> layers/mixer/in_proj [D, 2I+2GZ+N]  (z | x B C | dt)
+  mixer.conv1d.weight [I+2GZ, 1, W] -> layers/mixer/conv [W, I+2GZ]     out_proj.weight [D, I] -> out_proj [I, D]
+Mamba2 numerics differ from HF only in two corners: the residual stream stays in the compute dtype (HF keeps
+it in f32 when residual_in_fp32, which matters for bf16 only), and Δ is clamped to time_step_limit in decode
+steps too (HF clamps only in its chunked path; the default limit (0, inf) never binds).
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lmx.models.config import DTYPES, AttentionConfig, ModelConfig, RopeScaling
+from lmx.models.config import DTYPES, AttentionConfig, ModelConfig, RopeScaling, SSMConfig
 from lmx.models.lm import build
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> class name
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -40,7 +46,7 @@ SINGLE_FILE = "model.safetensors"
 
 
 def _arch_of(hf: dict) -> str:
-    """The model_type ("llama" | "qwen2") of an HF config dict; ValueError for anything else."""
+    """The model_type ("llama" | "qwen2" | "mamba2") of an HF config dict; ValueError for anything else."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     known = sorted(ARCHITECTURES.values())
@@ -101,11 +107,44 @@ def _sliding_window_from_qwen2(hf: dict, num_layers: int) -> int | None:
     return int(hf["sliding_window"])
 
 
+def _dtype_from_hf(hf: dict) -> str:
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"checkpoint dtype {dtype!r} is not supported; lmx supports {DTYPES}")
+    return dtype
+
+
+def _mamba2_config_from_hf(hf: dict) -> ModelConfig:
+    D, L = int(hf["hidden_size"]), int(hf["num_hidden_layers"])
+    expand = hf.get("expand", 2)
+    if expand != int(expand):
+        raise ValueError(f"expand={expand} is not supported (lmx needs an integer expand)")
+    # transformers 5 writes inf as {"__float__": "Infinity"}
+    limit = [float(v["__float__"]) if isinstance(v, dict) else float(v)
+             for v in hf.get("time_step_limit") or (0.0, float("inf"))]
+    ssm = SSMConfig(
+        num_heads=int(hf["num_heads"]), head_dim=int(hf["head_dim"]), state_size=int(hf["state_size"]),
+        n_groups=int(hf.get("n_groups", 8)), expand=int(expand), conv_width=int(hf.get("conv_kernel", 4)),
+        chunk_size=int(hf.get("chunk_size", 256)), use_bias=bool(hf.get("use_bias", False)),
+        use_conv_bias=bool(hf.get("use_conv_bias", True)), dt_limit=tuple(limit),
+        dt_min=float(hf.get("time_step_min", 0.001)), dt_max=float(hf.get("time_step_max", 0.1)),
+        dt_floor=float(hf.get("time_step_floor", 1e-4)),
+    )
+    dtype = _dtype_from_hf(hf)
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=D, num_layers=L, layer_pattern=("ssm",) * L, ssm=ssm,
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)), dtype=dtype, param_dtype=dtype,
+    )
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from an HF `config.json` dict (Llama or Qwen2). Unsupported options raise ValueError."""
+    """ModelConfig from an HF `config.json` dict (Llama, Qwen2 or Mamba2). Unsupported options raise ValueError."""
     arch = _arch_of(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (lmx uses SwiGLU with silu)")
+    if arch == "mamba2":
+        return _mamba2_config_from_hf(hf)
     if hf.get("mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported")
     if arch == "llama" and hf.get("attention_bias", False):
@@ -114,9 +153,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     num_heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
     theta, scaling = _rope_from_hf(hf)
-    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"checkpoint dtype {dtype!r} is not supported; lmx supports {DTYPES}")
+    dtype = _dtype_from_hf(hf)
     attention = AttentionConfig(
         num_heads=num_heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
@@ -148,15 +185,37 @@ def _arch_name(arch: str) -> str:
     raise ValueError(f"unsupported arch {arch!r}; choose one of {known}")
 
 
+def _mamba2_config_to_hf(cfg: ModelConfig) -> dict:
+    s = cfg.ssm
+    return {
+        "architectures": [ARCHITECTURES["mamba2"]], "model_type": "mamba2", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers, "num_heads": s.num_heads,
+        "head_dim": s.head_dim, "state_size": s.state_size, "n_groups": s.n_groups, "expand": s.expand,
+        "conv_kernel": s.conv_width, "chunk_size": s.chunk_size, "use_bias": s.use_bias,
+        "use_conv_bias": s.use_conv_bias, "hidden_act": "silu", "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "time_step_limit": list(s.dt_limit), "time_step_min": s.dt_min,
+        "time_step_max": s.dt_max, "time_step_floor": s.dt_floor, "residual_in_fp32": True,
+        "rescale_prenorm_residual": False, "use_cache": True, "dtype": cfg.param_dtype,
+        "max_position_embeddings": cfg.max_seq_len,  # not read by HF Mamba2; kept for the round trip
+    }
+
+
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
-    """HF `config.json` dict for `arch` ("llama" | "qwen2" or the class name). Raises ValueError when the
-    architecture cannot represent `cfg` (variants, qkv bias on Llama, sliding window on Llama, ...)."""
+    """HF `config.json` dict for `arch` ("llama" | "qwen2" | "mamba2" or the class name). Raises ValueError when
+    the architecture cannot represent `cfg` (variants, hybrids, qkv bias on Llama, sliding window on Llama, ...)."""
     arch = _arch_name(arch)
-    for name in ("ssm", "exits", "parscale", "recursion"):
+    for name in ("exits", "parscale", "recursion"):
         if getattr(cfg, name) is not None:
             raise ValueError(f"ModelConfig.{name} has no Hugging Face {ARCHITECTURES[arch]} equivalent")
-    if set(cfg.layer_pattern) != {"attn"}:
-        raise ValueError(f"layer_pattern {cfg.layer_pattern} has no Hugging Face equivalent (attention only)")
+    kind = "ssm" if arch == "mamba2" else "attn"
+    if len(set(cfg.layer_pattern)) > 1:
+        raise ValueError(f"layer_pattern {cfg.layer_pattern} mixes attention and SSM layers: no Hugging Face "
+                         "architecture that lmx writes holds such hybrids")
+    if set(cfg.layer_pattern) != {kind}:
+        raise ValueError(f"layer_pattern {cfg.layer_pattern} has no Hugging Face {ARCHITECTURES[arch]} equivalent "
+                         f"(it needs only {kind!r} layers)")
+    if arch == "mamba2":
+        return _mamba2_config_to_hf(cfg)
     a = cfg.attention
     if arch == "llama" and (a.qkv_bias or a.sliding_window is not None):
         raise ValueError("LlamaForCausalLM has no qkv-only bias or sliding window; save with arch='qwen2'")
@@ -224,7 +283,38 @@ class _Spec:
         return w.reshape(self.hf_shape[::-1]).T if self.linear else w.reshape(self.hf_shape)
 
 
+def _mamba2_specs(cfg: ModelConfig) -> list[_Spec]:
+    V, D, s = cfg.vocab_size, cfg.d_model, cfg.ssm
+    N, I, Y, W = s.num_heads, s.inner_dim, s.conv_dim, s.conv_width
+    P = I + Y + N  # in_proj outputs: z, xBC, dt
+    top = [_Spec("embed/embedding", "backbone.embeddings.weight", (V, D), (V, D)),
+           _Spec("final_norm/scale", "backbone.norm_f.weight", (D,), (D,))]
+    if not cfg.tie_embeddings:
+        top.append(_Spec("lm_head", "lm_head.weight", (V, D), (D, V), linear=True))
+    layer = [
+        ("norm/scale", "norm.weight", (D,), (D,), False),
+        ("mixer/in_proj", "mixer.in_proj.weight", (P, D), (D, P), True),
+        ("mixer/conv", "mixer.conv1d.weight", (Y, 1, W), (W, Y), True),
+        ("mixer/dt_bias", "mixer.dt_bias", (N,), (N,), False),
+        ("mixer/A_log", "mixer.A_log", (N,), (N,), False),
+        ("mixer/D", "mixer.D", (N,), (N,), False),
+        ("mixer/norm/scale", "mixer.norm.weight", (I,), (I,), False),
+        ("mixer/out_proj", "mixer.out_proj.weight", (D, I), (I, D), True),
+    ]
+    if s.use_conv_bias:
+        layer.append(("mixer/conv_bias", "mixer.conv1d.bias", (Y,), (Y,), False))
+    if s.use_bias:
+        layer += [("mixer/in_proj_bias", "mixer.in_proj.bias", (P,), (P,), False),
+                  ("mixer/out_proj_bias", "mixer.out_proj.bias", (D,), (D,), False)]
+    p = "backbone.layers.{i}."
+    return top + [_Spec("layers/" + lp, p + hn, hs, ls, lin, per_layer=True) for lp, hn, hs, ls, lin in layer]
+
+
 def _specs(cfg: ModelConfig) -> list[_Spec]:
+    if set(cfg.layer_pattern) == {"ssm"}:
+        return _mamba2_specs(cfg)
+    if set(cfg.layer_pattern) != {"attn"}:
+        raise ValueError(f"layer_pattern {cfg.layer_pattern} has no Hugging Face checkpoint layout (hybrid)")
     V, D, F = cfg.vocab_size, cfg.d_model, cfg.mlp_dim
     a = cfg.attention
     N, K, H = a.num_heads, a.num_kv_heads, a.head_dim
@@ -392,14 +482,15 @@ def _write_checkpoint(out: Path, hf_config: dict, tensors: dict[str, np.ndarray]
 def save_hf(model: nn.Module, params, path, arch: str | None = None, shard_size_bytes: int | None = None,
             overwrite: bool = False) -> Path:
     """Write `config.json` + safetensors (sharded with an index when `shard_size_bytes` is set) that
-    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. `arch`: "llama" | "qwen2" (default:
-    qwen2 when the model has qkv bias, else llama).
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. `arch`: "llama" | "qwen2" | "mamba2"
+    (default: mamba2 for SSM-only models, else qwen2 when the model has qkv bias, else llama).
 
     The checkpoint is written to a temporary sibling directory and renamed into place, so a failed save
     leaves `path` as it was. A non-empty `path` is refused unless `overwrite=True`, which replaces the
     whole directory (other files in it, e.g. a tokenizer, are removed)."""
     cfg = model.cfg
-    arch = arch or ("qwen2" if cfg.attention.qkv_bias else "llama")
+    if arch is None:
+        arch = "mamba2" if set(cfg.layer_pattern) == {"ssm"} else "qwen2" if cfg.attention.qkv_bias else "llama"
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"save_hf: {path} exists and is not a directory")

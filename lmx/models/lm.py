@@ -1,7 +1,14 @@
-"""The decoder LM: embed -> scanned stack of pre-norm blocks -> final norm -> LM head."""
+"""The decoder LM: embed -> scanned stack of pre-norm blocks -> final norm -> LM head.
+
+Blocks: "attn" is attention + SwiGLU MLP; "ssm" is a Mamba-2 mixer alone (like HF Mamba2). The stack scans
+over repetitions of the layer pattern's shortest repeating unit, so params of a pattern ("ssm", "ssm", "ssm",
+"attn") * k live under layers/ssm_0, layers/ssm_1, layers/ssm_2, layers/attn_3 with a leading k axis. A
+one-kind unit scans its block directly (params under layers/ with a leading L axis).
+"""
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -11,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmx.models.attention import Attention
-from lmx.models.config import ModelConfig
+from lmx.models.config import ModelConfig, repeating_unit
 from lmx.models.layers import MLP, Embed, RMSNorm, dense_init
-from lmx.models.state import DecodeState, KVCache
+from lmx.models.ssm import Mamba2Mixer
+from lmx.models.state import DecodeState, KVCache, SSMCache, SSMPending, commit_pending
 
 
 @flax.struct.dataclass
@@ -33,23 +41,68 @@ def check_tokens(tokens, vocab_size: int, what: str = "tokens"):
         raise ValueError(f"{what} contain ids {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab_size})")
 
 
-class Layer(nn.Module):
-    """One pre-norm attention + SwiGLU block; scanned over depth (the carry is the residual stream)."""
+def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+
+
+class AttnBlock(nn.Module):
+    """Pre-norm attention + SwiGLU block. Blocks map (x_BTD, cache, ctx) -> (x_BTD, cache out)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD, kv, ctx):
         positions_BT, slots_BT, segment_ids_BT, lengths_B = ctx
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        norm = lambda name: RMSNorm(cfg.norm_eps, dt, jnp.dtype(cfg.param_dtype), name=name)
+        cfg = self.cfg
         cache = None if kv is None else (kv[0], kv[1], lengths_B)
-        y_BTD, new_kv = Attention(cfg, name="attn")(norm("attn_norm")(x_BTD), positions_BT, slots_BT, cache,
+        y_BTD, new_kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x_BTD), positions_BT, slots_BT, cache,
                                                      segment_ids_BT)
         x_BTD = x_BTD + y_BTD
-        x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
+        x_BTD = x_BTD + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
         return x_BTD, new_kv
+
+
+class SSMBlock(nn.Module):
+    """Pre-norm residual Mamba-2 mixer (no MLP). cache: None or this layer's (conv, ssm) rings."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cache, ctx):
+        _, _, segment_ids_BT, lengths_B = ctx
+        y_BTD, out = Mamba2Mixer(self.cfg, name="mixer")(_norm(self.cfg, "norm")(x_BTD), cache, lengths_B,
+                                                         segment_ids_BT)
+        x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed"))
+        return x_BTD, out
+
+
+BLOCKS = {"attn": AttnBlock, "ssm": SSMBlock}
+
+
+class Unit(nn.Module):
+    """One repetition of a multi-block pattern unit. caches: kind -> that kind's caches for this unit, stacked
+    on a leading axis (or None); returns the blocks' outputs stacked the same way."""
+
+    cfg: ModelConfig
+    kinds: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x_BTD, caches, ctx):
+        outs = {kind: [] for kind in caches}
+        for i, kind in enumerate(self.kinds):
+            cache = jax.tree.map(operator.itemgetter(len(outs[kind])), caches[kind])  # j-th block of its kind
+            x_BTD, out = BLOCKS[kind](self.cfg, name=f"{kind}_{i}")(x_BTD, cache, ctx)
+            outs[kind].append(out)
+        return x_BTD, {kind: jax.tree.map(lambda *a: jnp.stack(a), *o) if o else None for kind, o in outs.items()}
+
+
+def _ssm_state(state: DecodeState, out, T: int) -> SSMCache:
+    """After one token the rings hold the new step; after more, the call is recorded as pending (state.py)."""
+    ssm = state.ssm
+    if T > 1:
+        return ssm.replace(pending=SSMPending(state.lengths_B, *out))
+    return SSMCache(*out, floor_B=jnp.maximum(ssm.floor_B, state.lengths_B + 1 - ssm.rollback_window))
 
 
 class LM(nn.Module):
@@ -69,17 +122,11 @@ class LM(nn.Module):
 
         embed = Embed(cfg, name="embed")
         x_BTD = embed(tokens_BT)
-        layer_cls = nn.remat(Layer, prevent_cse=False) if cfg.remat else Layer
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
-        kv_in = None if state is None else (state.kv.k_LBSKH, state.kv.v_LBSKH)
-        x_BTD, kv_out = stack(x_BTD, kv_in, (positions_BT, slots_BT, segment_ids_BT, offset_B))
+        if state is not None and state.ssm is not None:
+            state = state.replace(ssm=commit_pending(state.ssm, state.lengths_B))  # fold the previous call
+        caches = {"attn": None if state is None or state.kv is None else (state.kv.k_LBSKH, state.kv.v_LBSKH),
+                  "ssm": None if state is None or state.ssm is None else (state.ssm.conv_LBWY, state.ssm.ssm_LBQNHZ)}
+        x_BTD, outs = self._stack(x_BTD, caches, (positions_BT, slots_BT, segment_ids_BT, offset_B))
         h_BTD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(x_BTD)
 
         if cfg.tie_embeddings:
@@ -90,15 +137,41 @@ class LM(nn.Module):
             logits_BTV = h_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
         new_state = None
         if state is not None:
-            new_state = DecodeState(lengths_B=state.lengths_B + T, kv=KVCache(*kv_out))
+            kv = None if state.kv is None else KVCache(*outs["attn"])
+            ssm = None if state.ssm is None else _ssm_state(state, outs["ssm"], T)
+            new_state = DecodeState(lengths_B=state.lengths_B + T, kv=kv, ssm=ssm)
         return LMOutput(logits_BTV.astype(jnp.float32), new_state, {"hidden_BTD": h_BTD})
+
+    def _stack(self, x_BTD, caches, ctx):
+        """Scan over repetitions of the pattern unit; caches and outputs are kind -> per-layer stacks."""
+        cfg = self.cfg
+        unit = repeating_unit(cfg.layer_pattern)
+        reps = cfg.num_layers // len(unit)
+        if len(unit) == 1:
+            block = BLOCKS[unit[0]]
+            xs, args = caches[unit[0]], (cfg,)
+        else:
+            block, args = Unit, (cfg, unit)
+            xs = {k: jax.tree.map(lambda a: a.reshape(reps, -1, *a.shape[1:]), c) for k, c in caches.items()}
+        stack = nn.scan(
+            nn.remat(block, prevent_cse=False) if cfg.remat else block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=reps,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(*args, name="layers")
+        x_BTD, ys = stack(x_BTD, xs, ctx)
+        if len(unit) == 1:
+            return x_BTD, {**dict.fromkeys(caches), unit[0]: ys}
+        return x_BTD, {k: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), y) for k, y in ys.items()}
 
 
 def build(cfg: ModelConfig) -> nn.Module:
     """The one model factory; variants (early exit, ParScale, recursion) plug in here."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build expects a ModelConfig, got {type(cfg).__name__}")
-    for name in ("ssm", "exits", "parscale", "recursion"):
+    for name in ("exits", "parscale", "recursion"):
         if getattr(cfg, name) is not None:
             raise NotImplementedError(f"ModelConfig.{name} is not implemented yet")
     return LM(cfg)

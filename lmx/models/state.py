@@ -1,19 +1,49 @@
 """Decode state: the per-layer caches that `model.apply` reads and returns, and pure helpers on them.
 
-Layout. Cache slot s of row b holds the token at position s of that row (no left padding), so a row's
-next write goes to slot `lengths_B[b]`. Right-padded prompts are prefilled whole and then `truncate`d to
+Attention layers. KV cache slot s of row b holds the token at position s of that row (no left padding), so a
+row's next write goes to slot `lengths_B[b]`. Right-padded prompts are prefilled whole and then `truncate`d to
 their true lengths: the padding slots are simply overwritten by the next tokens.
+
+SSM layers (Mamba-2) keep O(1) state per row, so they cannot roll back by lengths alone. Each SSM layer holds
+two ring buffers, indexed by position like the KV cache (extra letters: W conv-input slots, Q state slots,
+Y conv channels = N·H + 2·G·Z; rollback window R_w = SSMConfig.rollback_window, conv width K_w):
+- `conv_LBWY`: the conv inputs (x | B | C before the conv) of the last W = K_w - 1 + R_w positions, position p
+  in slot p % W. The conv at the next position reads the K_w - 1 before it.
+- `ssm_LBQNHZ`: the states after each of the last Q = R_w + 1 positions, position p in slot p % Q. The
+  current state is the one after position length - 1 (zeros for an empty row).
+So rolling back j <= R_w steps is free: only `lengths_B` changes, and the next writes overwrite the stale
+slots. `floor_B` is the shortest length each row can still be restored to: length - R_w after a write, and
+unchanged by `truncate`. R_w = 0 disables rollback across calls.
+Memory per SSM layer and row, in bytes: (K_w - 1 + R_w)·Y·bytes(dtype) + (R_w + 1)·N·H·Z·4 (states are f32);
+e.g. Mamba2-130m dims (N=24, H=64, Z=128, G=1, K_w=4) with R_w=4: 7·1792·2 + 5·196608·4 ≈ 3.9 MB per layer
+(R_w = 0: 0.8 MB).
+
+Multi-token calls. A call of T > 1 tokens with a state (prefill, speculative verification) does not touch
+the rings: it returns `SSMCache.pending`, its discretised SSM inputs and conv inputs (per layer and row,
+T·(N·H + N + G·Z)·4 + T·Y·bytes(dtype) bytes), and `lengths_B` advances by T. The pending steps are folded
+into the rings by `truncate` — only the first `lengths - start_B` of them, so a right-padded prefill followed
+by `truncate` to the true lengths is exact for any amount of padding, and the padding never touches a
+row's state — or, all of them, at the start of the next model call. Until then the pytree holds the
+pending arrays (its structure differs from a committed state's), so a loop that carries state across a
+multi-token call should `truncate` after it, as `generate` and speculative decoding do.
+
+`truncate` below `floor_B` (more than R_w steps before the last commit) raises a ValueError when the
+lengths are concrete; under `jit` it cannot check, and the restored SSM state is undefined.
 
 Every decoding algorithm touches state only through `init_state`, `select`, `repeat` and `truncate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmx.models.config import ModelConfig
+from lmx.models.ssm import commit
 
 
 @flax.struct.dataclass
@@ -23,9 +53,33 @@ class KVCache:
 
 
 @flax.struct.dataclass
+class SSMPending:
+    """The not-yet-committed steps of the last multi-token call (stacked over SSM layers)."""
+
+    start_B: jax.Array  # int32: each row's length when the call started
+    dtx_LBTNH: jax.Array  # Δ·x (f32)
+    dtA_LBTN: jax.Array  # Δ·A, the log decay (f32)
+    B_LBTGZ: jax.Array  # f32
+    xbc_LBTY: jax.Array  # conv inputs
+
+
+@flax.struct.dataclass
+class SSMCache:
+    conv_LBWY: jax.Array  # ring of conv inputs
+    ssm_LBQNHZ: jax.Array  # ring of states (f32)
+    floor_B: jax.Array  # int32: shortest length `truncate` can restore
+    pending: SSMPending | None = None
+
+    @property
+    def rollback_window(self) -> int:
+        return self.ssm_LBQNHZ.shape[2] - 1
+
+
+@flax.struct.dataclass
 class DecodeState:
     lengths_B: jax.Array  # int32: number of valid positions per row
     kv: KVCache | None = None  # attention layers, stacked in layer_pattern order
+    ssm: SSMCache | None = None  # SSM layers, stacked in layer_pattern order
 
     @property
     def batch_size(self) -> int:
@@ -37,40 +91,83 @@ class DecodeState:
 
 
 def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DecodeState:
-    """Empty state for `batch` rows and caches of `max_len` positions."""
+    """Empty state for `batch` rows and KV caches of `max_len` positions. `dtype` (default cfg.dtype) is that
+    of the KV caches and conv rings; SSM states are always float32."""
     if max_len <= 0 or batch <= 0:
         raise ValueError(f"init_state needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
     dtype = jnp.dtype(dtype or cfg.dtype)
     a = cfg.attention
-    kv = None
+    kv = ssm = None
     if cfg.num_attn_layers:
         shape = (cfg.num_attn_layers, batch, max_len, a.num_kv_heads, a.head_dim)
         kv = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    return DecodeState(lengths_B=jnp.zeros((batch,), jnp.int32), kv=kv)
+    if cfg.num_ssm_layers:
+        s, L = cfg.ssm, cfg.num_ssm_layers
+        ssm = SSMCache(
+            conv_LBWY=jnp.zeros((L, batch, s.conv_width - 1 + s.rollback_window, s.conv_dim), dtype),
+            ssm_LBQNHZ=jnp.zeros((L, batch, s.rollback_window + 1, s.num_heads, s.head_dim, s.state_size),
+                                 jnp.float32),
+            floor_B=jnp.zeros((batch,), jnp.int32),
+        )
+    return DecodeState(lengths_B=jnp.zeros((batch,), jnp.int32), kv=kv, ssm=ssm)
 
 
-def _map_rows(state: DecodeState, fn_kv, fn_len) -> DecodeState:
-    kv = state.kv
-    if kv is not None:
-        kv = KVCache(fn_kv(kv.k_LBSKH), fn_kv(kv.v_LBSKH))
-    return DecodeState(lengths_B=fn_len(state.lengths_B), kv=kv)
+def commit_pending(ssm: SSMCache, lengths_B) -> SSMCache:
+    """Fold the pending steps of the last multi-token call into the rings, up to each row's `lengths_B`."""
+    p = ssm.pending
+    if p is None:
+        return ssm
+    valid_B = jnp.clip(lengths_B - p.start_B, 0, p.dtA_LBTN.shape[2])
+    pending = (p.dtx_LBTNH, p.dtA_LBTN, p.B_LBTGZ, p.xbc_LBTY)
+    conv, states = jax.vmap(commit, in_axes=(0, 0, 0, None, None))(ssm.conv_LBWY, ssm.ssm_LBQNHZ, pending,
+                                                                    p.start_B, valid_B)
+    floor_B = jnp.maximum(ssm.floor_B, p.start_B + valid_B - ssm.rollback_window)
+    return SSMCache(conv, states, floor_B)
+
+
+def _map_rows(obj, fn):
+    """Apply fn(array, batch_axis) to every array of a state; the batch axis is where "B" sits in the
+    field's shape suffix (lengths_B: 0, k_LBSKH: 1)."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _map_rows(value, fn)
+        elif value is not None:
+            changes[f.name] = fn(value, f.name.rsplit("_", 1)[1].index("B"))
+    return obj.replace(**changes)
 
 
 def select(state: DecodeState, idx_B) -> DecodeState:
     """Gather rows: new row i is old row idx_B[i] (resampling, beam reordering)."""
     idx_B = jnp.asarray(idx_B, jnp.int32)
-    return _map_rows(state, lambda x: jnp.take(x, idx_B, axis=1), lambda l: jnp.take(l, idx_B, axis=0))
+    return _map_rows(state, lambda x, axis: jnp.take(x, idx_B, axis=axis))
 
 
 def repeat(state: DecodeState, num_samples: int) -> DecodeState:
     """Each row repeated `num_samples` times consecutively: row b -> rows b*R .. b*R+R-1."""
-    return _map_rows(
-        state, lambda x: jnp.repeat(x, num_samples, axis=1), lambda l: jnp.repeat(l, num_samples, axis=0)
-    )
+    return _map_rows(state, lambda x, axis: jnp.repeat(x, num_samples, axis=axis))
+
+
+def _concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
 def truncate(state: DecodeState, lengths_B) -> DecodeState:
-    """Roll each row back to `lengths_B` positions (never forward). Stale KV slots past the length are
-    masked by attention and overwritten by the next write, so only the lengths change."""
+    """Roll each row back to `lengths_B` positions (never forward). Stale KV slots past the length are masked
+    by attention and overwritten by the next write, so for attention only the lengths change. SSM layers
+    first commit a pending multi-token call up to the new lengths, then roll back within their rings (see
+    the module docstring for the limits)."""
     lengths_B = jnp.minimum(jnp.asarray(lengths_B, jnp.int32), state.lengths_B)
-    return state.replace(lengths_B=lengths_B)
+    ssm = state.ssm
+    if ssm is not None:
+        ssm = commit_pending(ssm, lengths_B)
+        if _concrete(lengths_B, ssm.floor_B) and bool(np.any(np.asarray(lengths_B) < np.asarray(ssm.floor_B))):
+            rows = np.flatnonzero(np.asarray(lengths_B) < np.asarray(ssm.floor_B)).tolist()
+            raise ValueError(
+                f"truncate: rows {rows[:8]} roll back to lengths {np.asarray(lengths_B)[rows[:8]].tolist()}, but "
+                f"their SSM states can only be restored to lengths >= {np.asarray(ssm.floor_B)[rows[:8]].tolist()}: "
+                f"SSM layers keep only the last SSMConfig.rollback_window={ssm.rollback_window} committed steps"
+                + (" (rollback is disabled)" if ssm.rollback_window == 0 else "")
+            )
+    return state.replace(lengths_B=lengths_B, ssm=ssm)

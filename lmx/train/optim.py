@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-NO_DECAY_NAMES = ("scale", "embedding")
+NO_DECAY_NAMES = ("scale", "embedding", "A_log", "D")  # Mamba keeps A_log and the D skip undecayed
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,321 @@
+"""Mamba-2 (SSD) state-space mixer: the scan in three equivalent forms, the decode-state ring buffers, and the
+Linen mixer (matching `transformers` Mamba2Mixer).
+
+Per head, with state h [H, Z] (DESIGN §2 letters; G groups share B and C; M = number of chunks):
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ        y_t = h_t C_t   (the mixer adds D x_t)
+- `ssd_naive`: a sequential `lax.scan` over time, the reference.
+- `ssd_step`: one step, O(1) in the sequence length (decoding).
+- `ssd_chunked`: the SSD block decomposition (Dao & Gu, 2024). Within a chunk of C steps the output is a
+  masked quadratic form, like causal attention with decay weights exp(Σ Δ A); across chunks only the M chunk
+  states are passed along (by a small M×M decay matrix: no sequential loop). Training and prefill use it; it
+  is the reference for a Pallas kernel.
+All three take an initial state, return the final state, and reset the state wherever `segment_ids_BT`
+changes value (packed sequences). Internally the scan works on the discretised inputs Δx and ΔA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+from lmx.models.config import ModelConfig
+from lmx.models.layers import dense_init
+
+F32 = jnp.float32
+
+
+def _heads(a, num_heads: int, axis: int):
+    """Expand a per-group axis to heads: group g serves heads g·N/G .. (g+1)·N/G - 1 (as HF repeat_interleave)."""
+    return jnp.repeat(a, num_heads // a.shape[axis], axis=axis)
+
+
+def _starts(segment_ids_BT):
+    """True where a new segment starts (the segment id changes), never at position 0."""
+    return jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
+
+
+def _runs(segment_ids_BT):
+    """Run index of each position: 0 for the first segment, +1 at every change of segment id."""
+    return jnp.cumsum(_starts(segment_ids_BT), axis=1, dtype=jnp.int32)
+
+
+def _segsum(log_decay):
+    """[..., S] -> [..., S, S]: out[..., t, s] = a[s+1] + ... + a[t] for s <= t (the log decay from step s to t),
+    -inf above the diagonal. Summed term by term, with no differences of large cumulative sums."""
+    S = log_decay.shape[-1]
+    lower = lambda k: jnp.tril(jnp.ones((S, S), bool), k)
+    terms = jnp.where(lower(-1), log_decay[..., :, None], 0.0)  # [..., j, s]: a_j where j > s
+    return jnp.where(lower(0), jnp.cumsum(terms, axis=-2), -jnp.inf)
+
+
+def _step(h_BNHZ, dtx_BNH, dtA_BN, B_BGZ, C_BGZ=None):
+    """One step on discretised inputs; C=None skips the output."""
+    N = h_BNHZ.shape[1]
+    h_BNHZ = jnp.exp(dtA_BN)[..., None, None] * h_BNHZ + dtx_BNH[..., None] * _heads(B_BGZ, N, 1)[:, :, None, :]
+    y_BNH = None if C_BGZ is None else jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BGZ, N, 1))
+    return y_BNH, h_BNHZ
+
+
+def ssd_step(
+    h_BNHZ: Float[Array, "B N H Z"], x_BNH: Float[Array, "B N H"], dt_BN: Float[Array, "B N"],
+    A_N: Float[Array, " N"], B_BGZ: Float[Array, "B G Z"], C_BGZ: Float[Array, "B G Z"],
+):
+    """One recurrence step (f32): returns (y_BNH, new h_BNHZ)."""
+    dt_BN = dt_BN.astype(F32)
+    return _step(h_BNHZ.astype(F32), x_BNH.astype(F32) * dt_BN[..., None], dt_BN * A_N, B_BGZ.astype(F32),
+                 C_BGZ.astype(F32))
+
+
+def ssd_naive(
+    x_BTNH: Float[Array, "B T N H"], dt_BTN: Float[Array, "B T N"], A_N: Float[Array, " N"],
+    B_BTGZ: Float[Array, "B T G Z"], C_BTGZ: Float[Array, "B T G Z"], *, initial_state_BNHZ=None, segment_ids_BT=None,
+):
+    """Sequential reference: (y_BTNH, final_state_BNHZ), f32."""
+    Bn, T, N, H = x_BTNH.shape
+    h0 = jnp.zeros((Bn, N, H, B_BTGZ.shape[-1]), F32) if initial_state_BNHZ is None else initial_state_BNHZ
+    reset_BT = jnp.zeros((Bn, T), bool) if segment_ids_BT is None else _starts(segment_ids_BT)
+
+    def body(h, inputs):
+        x, dt, B, C, reset = inputs
+        y, h = ssd_step(jnp.where(reset[:, None, None, None], 0.0, h), x, dt, A_N, B, C)
+        return h, y
+
+    time_major = lambda a: jnp.swapaxes(a, 0, 1)
+    h, y_TBNH = lax.scan(body, h0.astype(F32), tuple(map(time_major, (x_BTNH, dt_BTN, B_BTGZ, C_BTGZ, reset_BT))))
+    return time_major(y_TBNH), h
+
+
+def ssd_chunked(
+    x_BTNH: Float[Array, "B T N H"], dt_BTN: Float[Array, "B T N"], A_N: Float[Array, " N"],
+    B_BTGZ: Float[Array, "B T G Z"], C_BTGZ: Float[Array, "B T G Z"], *, chunk_size: int, initial_state_BNHZ=None,
+    segment_ids_BT=None,
+):
+    """Chunked SSD: (y_BTNH, final_state_BNHZ), f32. Any T works: the last chunk is padded with Δ = 0 steps,
+    and chunks are at most T long."""
+    dt_BTN = dt_BTN.astype(F32)
+    return _chunked(x_BTNH.astype(F32) * dt_BTN[..., None], dt_BTN * A_N, B_BTGZ.astype(F32), C_BTGZ.astype(F32),
+                    chunk_size, initial_state_BNHZ, segment_ids_BT)
+
+
+def _chunked(dtx_BTNH, dtA_BTN, B_BTGZ, C_BTGZ, chunk_size, h0_BNHZ=None, segment_ids_BT=None):
+    """ssd_chunked on discretised inputs. C_BTGZ=None computes only the final state."""
+    Bn, T, N, H = dtx_BTNH.shape
+    Z = B_BTGZ.shape[-1]
+    C = min(chunk_size, T)
+    pad = -T % C
+    M = (T + pad) // C
+    runs_BT = jnp.zeros((Bn, T), jnp.int32) if segment_ids_BT is None else _runs(segment_ids_BT)
+    # Padding steps have Δ = 0: no decay, no input; they stay in the last run.
+    chunk = lambda a, mode="constant": jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode).reshape(
+        Bn, M, C, *a.shape[2:])
+    dtx_BMTNH, dtA_BMTN, B_BMTGZ, runs_BMT = chunk(dtx_BTNH), chunk(dtA_BTN), chunk(B_BTGZ), chunk(runs_BT, "edge")
+    cum_BMTN = jnp.cumsum(dtA_BMTN, axis=2)  # log decay from the chunk start through step t
+    last_BM = runs_BMT[:, :, -1]
+    enter_BM = jnp.concatenate([runs_BMT[:, :1, 0], last_BM[:, :-1]], axis=1)  # run of the state entering chunk m
+
+    # 1. Each chunk's own contribution to the state at its end (positions in the chunk's last run only).
+    to_end_BMTN = jnp.exp(cum_BMTN[:, :, -1:] - cum_BMTN) * (runs_BMT == last_BM[..., None])[..., None]
+    local_BMNHZ = jnp.einsum("BMTN,BMTNH,BMTNZ->BMNHZ", to_end_BMTN, dtx_BMTNH, _heads(B_BMTGZ, N, 3))
+
+    # 2. Pass states across chunks (I, J: M + 1 entries). Entry 0 is the initial state, entry m + 1 chunk m's
+    # local state; the state after entry i sums the entries j <= i, decayed through the chunks in between
+    # unless a segment starts there. Like step 1, a parallel form: no sequential loop.
+    h0_BNHZ = jnp.zeros((Bn, N, H, Z), F32) if h0_BNHZ is None else h0_BNHZ.astype(F32)
+    local_BJNHZ = jnp.concatenate([h0_BNHZ[:, None], local_BMNHZ], axis=1)
+    last_BJ = jnp.concatenate([runs_BT[:, :1], last_BM], axis=1)
+    chunk_decay_BNJ = jnp.pad(cum_BMTN[:, :, -1], ((0, 0), (1, 0), (0, 0))).swapaxes(1, 2)
+    same_BIJ = last_BJ[:, :, None] == last_BJ[:, None, :]
+    pass_BIJN = jnp.where(same_BIJ[..., None], jnp.moveaxis(jnp.exp(_segsum(chunk_decay_BNJ)), 1, -1), 0.0)
+    after_BINHZ = jnp.einsum("BIJN,BJNHZ->BINHZ", pass_BIJN, local_BJNHZ)
+    enter_BMNHZ, final_BNHZ = after_BINHZ[:, :-1], after_BINHZ[:, -1]
+    if C_BTGZ is None:
+        return None, final_BNHZ
+
+    # 3. Outputs: the intra-chunk quadratic form plus the decayed entering state.
+    C_BMTGZ = chunk(C_BTGZ)
+    same_BMTS = runs_BMT[:, :, :, None] == runs_BMT[:, :, None, :]
+    decay_BMTSN = jnp.where(same_BMTS[..., None], jnp.moveaxis(jnp.exp(_segsum(jnp.moveaxis(dtA_BMTN, 3, 2))), 2, -1),
+                            0.0)
+    CB_BMTSN = _heads(jnp.einsum("BMTGZ,BMSGZ->BMTSG", C_BMTGZ, B_BMTGZ), N, 4)
+    y_BMTNH = jnp.einsum("BMTSN,BMSNH->BMTNH", CB_BMTSN * decay_BMTSN, dtx_BMTNH)
+    from_enter_BMTN = jnp.exp(cum_BMTN) * (runs_BMT == enter_BM[..., None])[..., None]
+    y_BMTNH += jnp.einsum("BMTNZ,BMNHZ,BMTN->BMTNH", _heads(C_BMTGZ, N, 3), enter_BMNHZ, from_enter_BMTN)
+    return y_BMTNH.reshape(Bn, M * C, N, H)[:, :T], final_BNHZ
+
+
+# ------------------------------------------------------------------------------------ decode-state rings
+# A row's conv ring (W slots) holds the conv input of position p in slot p % W; its state ring (Q slots) holds
+# the state after position p in slot p % Q. See lmx.models.state for the layout and the rollback rules.
+
+
+def conv_window(conv_BWY, lengths_B, size: int):
+    """Conv inputs of positions lengths-size .. lengths-1 (zeros before position 0): [B, size, Y]."""
+    pos_BP = lengths_B[:, None] - size + jnp.arange(size)
+    win_BPY = conv_BWY[jnp.arange(conv_BWY.shape[0])[:, None], pos_BP % conv_BWY.shape[1]]
+    return jnp.where((pos_BP >= 0)[..., None], win_BPY, 0)
+
+
+def current_state(ssm_BQNHZ, lengths_B):
+    """The state after position lengths-1 (zeros for an empty row), f32."""
+    h_BNHZ = ssm_BQNHZ[jnp.arange(ssm_BQNHZ.shape[0]), (lengths_B - 1) % ssm_BQNHZ.shape[1]]
+    return jnp.where((lengths_B > 0)[:, None, None, None], h_BNHZ, 0.0).astype(F32)
+
+
+def ring_write(ring_BQ, pos_B, value_B):
+    """Write each row's value into slot pos % Q."""
+    return ring_BQ.at[jnp.arange(ring_BQ.shape[0]), pos_B % ring_BQ.shape[1]].set(value_B.astype(ring_BQ.dtype))
+
+
+def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64):
+    """Fold the first valid_B[b] steps of a multi-token call that started at length start_B into the rings.
+
+    pending = (dtx_BTNH, dtA_BTN, B_BTGZ, xbc_BTY): the call's discretised SSM inputs and raw conv inputs.
+    Steps past valid_B are dropped, so right padding never reaches the state. The state ring gets the states
+    after the last Q valid positions: everything older is folded by one masked chunked scan, then Q steps."""
+    dtx_BTNH, dtA_BTN, B_BTGZ, xbc_BTY = pending
+    Bn, T = dtA_BTN.shape[:2]
+    W, Q = conv_BWY.shape[1], ssm_BQNHZ.shape[1]
+    end_B = start_B + valid_B
+
+    # Conv ring: slot j takes the input of the newest position p < end with p % W == j.
+    seq_BSY = jnp.concatenate([conv_window(conv_BWY, start_B, W), xbc_BTY.astype(conv_BWY.dtype)], axis=1)
+    last_B1 = end_B[:, None] - 1
+    pos_BW = last_B1 - (last_B1 - jnp.arange(W)) % W
+    conv_BWY = seq_BSY[jnp.arange(Bn)[:, None], pos_BW - start_B[:, None] + W]
+
+    # State ring: fold steps [0, valid - Q) at once, then step through the last Q, writing each state.
+    t_T = jnp.arange(T)
+    fold_BT = t_T < jnp.maximum(valid_B - Q, 0)[:, None]
+    _, h_BNHZ = _chunked(dtx_BTNH * fold_BT[..., None, None], dtA_BTN * fold_BT[..., None], B_BTGZ, None,
+                         chunk_size, current_state(ssm_BQNHZ, start_B))
+
+    def step(carry, k):
+        h_BNHZ, ring_BQNHZ = carry
+        rel_B = valid_B - Q + k  # position within the call
+        live_B = rel_B >= 0
+        at = lambda a: a[jnp.arange(Bn), jnp.clip(rel_B, 0, T - 1)]
+        _, h_new = _step(h_BNHZ, at(dtx_BTNH), at(dtA_BTN), at(B_BTGZ))
+        h_BNHZ = jnp.where(live_B[:, None, None, None], h_new, h_BNHZ)
+        hit_BQ = (jnp.arange(Q) == ((start_B + rel_B) % Q)[:, None]) & live_B[:, None]
+        return (h_BNHZ, jnp.where(hit_BQ[..., None, None, None], h_BNHZ[:, None], ring_BQNHZ)), None
+
+    (_, ssm_BQNHZ), _ = lax.scan(step, (h_BNHZ, ssm_BQNHZ), jnp.arange(Q))
+    return conv_BWY, ssm_BQNHZ
+
+
+# ----------------------------------------------------------------------------------------------- mixer
+
+
+def causal_conv(xbc_BTY, w_WY, b_Y, prev_BPY=None, runs_BT=None):
+    """Depthwise causal conv, out_t = b + Σ_k w_k in_{t-W+1+k} (HF conv1d order). prev_BPY: the W-1 inputs before
+    position 0 (zeros if None). With runs_BT, inputs from another segment count as zero."""
+    W, (Bn, T, Y) = w_WY.shape[0], xbc_BTY.shape
+    if prev_BPY is None:
+        prev_BPY = jnp.zeros((Bn, W - 1, Y), xbc_BTY.dtype)
+    full_BSY = jnp.concatenate([prev_BPY.astype(F32), xbc_BTY.astype(F32)], axis=1)
+    out_BTY = jnp.broadcast_to(b_Y.astype(F32), (Bn, T, Y))
+    for k in range(W):
+        tap_BTY = full_BSY[:, k : k + T] * w_WY[k].astype(F32)
+        lag = W - 1 - k
+        if runs_BT is not None and lag:
+            earlier_BT = jnp.pad(runs_BT, ((0, 0), (lag, 0)), constant_values=-1)[:, :T]
+            tap_BTY = jnp.where((earlier_BT == runs_BT)[..., None], tap_BTY, 0.0)
+        out_BTY += tap_BTY
+    return out_BTY
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y · silu(z)) over groups of the inner width (HF MambaRMSNormGated, norm after the gate)."""
+
+    groups: int
+    eps: float
+    dtype: jnp.dtype = F32
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, y_BTI, z_BTI):
+        scale_I = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("ssm_inner",)),
+                             (y_BTI.shape[-1],), self.param_dtype)
+        y = y_BTI.astype(F32) * nn.silu(z_BTI.astype(F32))
+        y = y.reshape(*y.shape[:-1], self.groups, -1)
+        y = y * lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.eps)
+        return (scale_I.astype(F32) * y.reshape(y_BTI.shape)).astype(self.dtype)
+
+
+def _dt_bias_init(s):
+    """softplus⁻¹ of Δ drawn log-uniformly in [dt_min, dt_max] (floored at dt_floor), as Mamba does."""
+
+    def init(key, shape, dtype=F32):
+        lo, hi = math.log(s.dt_min), math.log(s.dt_max)
+        dt = jnp.maximum(jnp.exp(jax.random.uniform(key, shape, F32, lo, hi)), s.dt_floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> (z | xBC | dt); causal conv + silu on xBC; SSD with per-head A = -exp(A_log), Δ =
+    clip(softplus(dt + dt_bias), dt_limit) and D skip; gated group RMSNorm with z; out_proj."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cache=None, lengths_B=None, segment_ids_BT=None):
+        """cache: None (teacher-forced) or (conv_BWY, ssm_BQNHZ) rings at lengths_B. Returns (y_BTD, out): out is
+        None without a cache, the updated rings for a one-token call, and otherwise the call's pending inputs
+        (dtx_BTNH, dtA_BTN, B_BTGZ, xbc_BTY), which `commit` folds into the rings once the valid lengths are
+        known (after `truncate`, or at the next call)."""
+        cfg, s = self.cfg, self.cfg.ssm
+        if s.impl == "pallas":
+            raise NotImplementedError("ssm.impl='pallas': the SSD kernel is not written yet; use 'xla' or 'auto'")
+        D, N, H, G, Z, I, Y, W = (cfg.d_model, s.num_heads, s.head_dim, s.n_groups, s.state_size, s.inner_dim,
+                                  s.conv_dim, s.conv_width)
+        pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        ones, zeros = nn.initializers.ones, nn.initializers.zeros
+        part = nn.with_logical_partitioning
+        in_proj = self.param("in_proj", dense_init(D, ("embed", "ssm_proj")), (D, I + Y + N), pd)
+        conv_WY = self.param("conv", dense_init(W, ("conv_width", "ssm_conv")), (W, Y), pd)
+        conv_bias_Y = (self.param("conv_bias", part(zeros, ("ssm_conv",)), (Y,), pd) if s.use_conv_bias
+                       else jnp.zeros((Y,), pd))
+        dt_bias_N = self.param("dt_bias", part(_dt_bias_init(s), ("ssm_heads",)), (N,), pd)
+        A_log_N = self.param("A_log", part(lambda k, sh, d: jnp.log(jnp.arange(1, N + 1, dtype=d)), ("ssm_heads",)),
+                             (N,), pd)
+        D_N = self.param("D", part(ones, ("ssm_heads",)), (N,), pd)
+        out_proj = self.param("out_proj", dense_init(I, ("ssm_inner", "embed")), (I, D), pd)
+
+        Bn, T, _ = x_BTD.shape
+        zxbcdt_BTP = x_BTD.astype(dt) @ in_proj.astype(dt)
+        if s.use_bias:
+            zxbcdt_BTP += self.param("in_proj_bias", part(zeros, ("ssm_proj",)), (I + Y + N,), pd).astype(dt)
+        z_BTI, xbc_BTY, dt_BTN = jnp.split(zxbcdt_BTP, [I, I + Y], axis=-1)
+
+        runs_BT = None if segment_ids_BT is None else _runs(segment_ids_BT)
+        prev_BPY = None if cache is None else conv_window(cache[0], lengths_B, W - 1)
+        xbc_act_BTY = nn.silu(causal_conv(xbc_BTY, conv_WY, conv_bias_Y, prev_BPY, runs_BT))
+        x_BTNH = xbc_act_BTY[..., :I].reshape(Bn, T, N, H)
+        B_BTGZ, C_BTGZ = (a.reshape(Bn, T, G, Z) for a in jnp.split(xbc_act_BTY[..., I:], 2, axis=-1))
+        delta_BTN = jnp.clip(jax.nn.softplus(dt_BTN.astype(F32) + dt_bias_N.astype(F32)), *s.dt_limit)
+        A_N = -jnp.exp(A_log_N.astype(F32))
+
+        if cache is not None and T == 1:  # decoding: one recurrent step, written into the rings
+            conv_BWY, ssm_BQNHZ = cache
+            y_BNH, h_BNHZ = ssd_step(current_state(ssm_BQNHZ, lengths_B), x_BTNH[:, 0], delta_BTN[:, 0], A_N,
+                                     B_BTGZ[:, 0], C_BTGZ[:, 0])
+            y_BTNH = y_BNH[:, None]
+            out = (ring_write(conv_BWY, lengths_B, xbc_BTY[:, 0]), ring_write(ssm_BQNHZ, lengths_B, h_BNHZ))
+        else:
+            h0_BNHZ = None if cache is None else current_state(cache[1], lengths_B)
+            y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTGZ, C_BTGZ, chunk_size=s.chunk_size,
+                                    initial_state_BNHZ=h0_BNHZ, segment_ids_BT=segment_ids_BT)
+            out = None if cache is None else (x_BTNH * delta_BTN[..., None], delta_BTN * A_N, B_BTGZ, xbc_BTY)
+        y_BTNH = y_BTNH + x_BTNH * D_N.astype(F32)[:, None]
+        y_BTI = GatedRMSNorm(G, cfg.norm_eps, F32, pd, name="norm")(y_BTNH.reshape(Bn, T, I), z_BTI)
+        y_BTD = y_BTI.astype(dt) @ out_proj.astype(dt)
+        if s.use_bias:
+            y_BTD += self.param("out_proj_bias", part(zeros, ("embed",)), (D,), pd).astype(dt)
+        return y_BTD, out
