@@ -27,15 +27,23 @@ def _model(name, **kw):
     return cfg, model, init_params(model, jax.random.PRNGKey(0))
 
 
+def _jitted(model):
+    """Jitted forward with and without state: eager op-by-op apply is far slower to run on CPU."""
+    full = jax.jit(lambda p, t: model.apply({"params": p}, t).logits_BTV)
+    cached = jax.jit(lambda p, t, s: model.apply({"params": p}, t, state=s))
+    return full, cached
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_cached_decode_equals_teacher_forced(name):
     cfg, model, params = _model(name)
+    full, cached = _jitted(model)
     tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (3, 20), 0, cfg.vocab_size)
-    full_BTV = model.apply({"params": params}, tokens_BT).logits_BTV
+    full_BTV = full(params, tokens_BT)
     state = init_state(cfg, 3, 24)
     chunks, logits = [0, 7, 8, 11, 12, 16, 20], []  # prefill, single tokens, and multi-token chunks
     for a, b in zip(chunks[:-1], chunks[1:], strict=False):
-        out = model.apply({"params": params}, tokens_BT[:, a:b], state=state)
+        out = cached(params, tokens_BT[:, a:b], state)
         state = out.state
         logits.append(out.logits_BTV)
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full_BTV, atol=1e-5)
@@ -46,21 +54,22 @@ def test_cached_decode_equals_teacher_forced(name):
 def test_right_padded_prefill_then_truncate(name):
     """Rows of unequal length prefilled together, truncated, then decoded, match each row run alone."""
     cfg, model, params = _model(name)
+    full, cached = _jitted(model)
     rng = np.random.default_rng(0)
     lens = [5, 9, 3]
-    seqs = [rng.integers(0, cfg.vocab_size, n + 4) for n in lens]  # prompt + 4 continuation tokens
+    seqs_BT = rng.integers(0, cfg.vocab_size, (3, max(lens) + 4)).astype(np.int32)  # prompt + 4 more each
+    ref_BTV = full(params, jnp.asarray(seqs_BT))  # causal: a row's later tokens never affect earlier logits
     pad_BT = np.zeros((3, max(lens)), np.int32)
     for b, n in enumerate(lens):
-        pad_BT[b, :n] = seqs[b][:n]
-    state = model.apply({"params": params}, jnp.asarray(pad_BT), state=init_state(cfg, 3, 16)).state
+        pad_BT[b, :n] = seqs_BT[b, :n]
+    state = cached(params, jnp.asarray(pad_BT), init_state(cfg, 3, 16)).state
     state = truncate(state, jnp.asarray(lens))
     for i in range(4):
-        step_B1 = jnp.asarray([[s[n + i]] for s, n in zip(seqs, lens, strict=True)], jnp.int32)
-        out = model.apply({"params": params}, step_B1, state=state)
+        step_B1 = jnp.asarray([[seqs_BT[b, n + i]] for b, n in enumerate(lens)], jnp.int32)
+        out = cached(params, step_B1, state)
         state = out.state
         for b, n in enumerate(lens):
-            ref = model.apply({"params": params}, jnp.asarray(seqs[b][None, : n + i + 1])).logits_BTV[0, -1]
-            np.testing.assert_allclose(out.logits_BTV[b, 0], ref, atol=1e-5)
+            np.testing.assert_allclose(out.logits_BTV[b, 0], ref_BTV[b, n + i], atol=1e-5)
 
 
 def test_packed_segments_match_separate_sequences():
