@@ -14,6 +14,13 @@ from collections.abc import Callable
 import numpy as np
 
 
+def add_model_args(p) -> None:
+    """The benchmark Llama's shape (~58M params in f32 by default), shared by decode.py and train.py."""
+    for name, default in [("hidden", 512), ("layers", 8), ("heads", 8), ("kv_heads", 4), ("intermediate", 1536),
+                          ("vocab", 32000)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+
+
 def emit(name: str, metric: str, value, baseline=None, ratio=None, **extra) -> dict:
     """Print one result line: {"name", "metric", "value", "baseline", "ratio", ...extra}."""
     rec = {"name": name, "metric": metric, "value": _plain(value), "baseline": _plain(baseline),

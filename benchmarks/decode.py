@@ -33,7 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks._common import emit, environment, interleaved, llama_pair, median, memory_bandwidth, timed
+from benchmarks._common import (
+    add_model_args,
+    emit,
+    environment,
+    interleaved,
+    llama_pair,
+    median,
+    memory_bandwidth,
+    timed,
+)
 from lmx.decoding import Greedy, cost, generate
 from lmx.models import init_state
 from lmx.models import lm as lmx_lm
@@ -45,12 +54,7 @@ ROOFLINE_TARGET = 0.60
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv_heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")

@@ -28,7 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks._common import emit, environment, interleaved, llama_pair, median, set_attn_implementation, timed
+from benchmarks._common import (
+    add_model_args,
+    emit,
+    environment,
+    interleaved,
+    llama_pair,
+    median,
+    set_attn_implementation,
+    timed,
+)
 from lmx.decoding import cost
 from lmx.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
@@ -38,12 +47,7 @@ LR, CLIP, WD, B1, B2, EPS = 1e-4, 1.0, 0.1, 0.9, 0.95, 1e-8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv_heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5, help="timed steps per side (alternating order)")
