@@ -1,0 +1,254 @@
+"""Mamba-2 decoding: constant per-token cost and state vs a transformer, and lmx vs `transformers` generate.
+
+Part 1 (`ssm_decode/step/...`): one jitted cached decode step `model.apply({"params": p}, tok_B1, state=state)`,
+batch 1, for a random-weight Mamba-2 (preset "mamba2-tiny" scaled up) and a Llama-style transformer of similar
+parameter count (preset "llama-tiny" scaled up), with the decode state's lengths set to each context (512,
+2048, 8192 by default). The transformer's state is `init_state(cfg, 1, ctx + 8)` (a KV cache of ctx + 8 slots);
+the SSM's state has the same size at every context. The state is donated and fed back each step with its
+lengths reset to the context (the step's in-place update, as in `generate`); cache values don't matter for
+timing. All (model, context) cases are timed interleaved (order alternating every round, medians of a block of
+steps per round). Reported: seconds per step at each context, the 8192/512 ratio for each model (SSM target
+<= 1.2), the SSM/transformer throughput ratio at the longest context, and decode-state bytes (sum of the
+nbytes of the state pytree's leaves).
+
+Part 2 (`ssm_decode/generate/...`): lmx `lmx.decoding.generate` vs `transformers` `Mamba2ForCausalLM.generate` on
+the same weights (a random HF Mamba2, `save_pretrained`, `lmx.models.load_hf`), greedy, exactly
+`--new_tokens` new tokens (no eos), batch 1 and 8; generated tokens must be identical. transformers runs at
+torch threads = nproc and 1; the faster is the baseline (conservative). Target: lmx >= 5x tokens/s.
+
+    python -m benchmarks.ssm_decode            # both parts (~4-6 min on a loaded 2-core CPU)
+    python -m benchmarks.ssm_decode --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from benchmarks._common import emit, environment, interleaved, median
+from lmx.decoding import Greedy, generate
+from lmx.models import build, init_params, init_state, load_hf, preset
+
+STEP_RATIO_TARGET = 1.2  # SSM step time at the longest context / shortest, from the issue
+GENERATE_TARGET = 5.0  # lmx / transformers tokens/s
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="512,2048,8192", help="comma-separated decode contexts (part 1)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ssm_layers", type=int, default=8)
+    p.add_argument("--ssm_heads", type=int, default=8, help="Mamba-2 heads; head_dim = 2 * hidden / heads")
+    p.add_argument("--state_size", type=int, default=64)
+    p.add_argument("--attn_layers", type=int, default=4)
+    p.add_argument("--attn_heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=20, help="decode steps timed per round per case (part 1)")
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (part 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per side (alternating order)")
+    p.add_argument("--torch_threads", default=f"{os.cpu_count()},1",
+                   help="comma-separated torch thread counts for transformers; the faster is the baseline")
+    p.add_argument("--skip_step", action="store_true", help="skip part 1")
+    p.add_argument("--skip_generate", action="store_true", help="skip part 2")
+    p.add_argument("--quick", action="store_true", help="small models, short contexts: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.ssm_layers, args.attn_layers, args.intermediate, args.vocab = 64, 2, 2, 192, 256
+        args.state_size, args.contexts, args.steps, args.rounds = 16, "128,512", 5, 1
+        args.new_tokens, args.batches = 16, "1,2"
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.torch_threads = list(dict.fromkeys(int(n) for n in args.torch_threads.split(",")))
+    return args
+
+
+def ssm_cfg(args, max_seq_len: int):
+    base = preset("mamba2-tiny")
+    ssm = dataclasses.replace(base.ssm, num_heads=args.ssm_heads, head_dim=2 * args.hidden // args.ssm_heads,
+                              state_size=args.state_size, n_groups=1, chunk_size=64)
+    return base.replace(vocab_size=args.vocab, d_model=args.hidden, num_layers=args.ssm_layers,
+                        layer_pattern=("ssm",) * args.ssm_layers, ssm=ssm, max_seq_len=max_seq_len)
+
+
+def attn_cfg(args, max_seq_len: int):
+    base = preset("llama-tiny")
+    attn = dataclasses.replace(base.attention, num_heads=args.attn_heads, num_kv_heads=args.kv_heads,
+                               head_dim=args.hidden // args.attn_heads)
+    return base.replace(vocab_size=args.vocab, d_model=args.hidden, num_layers=args.attn_layers,
+                        layer_pattern=None, mlp_dim=args.intermediate, attention=attn, max_seq_len=max_seq_len)
+
+
+def nbytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def n_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def step_part(args):
+    """Per-token decode latency and state bytes vs context, SSM and transformer side by side."""
+    max_ctx = max(args.contexts)
+    models = {}
+    for name, cfg in (("ssm", ssm_cfg(args, max_ctx + 64)), ("attn", attn_cfg(args, max_ctx + 64))):
+        model = build(cfg)
+        params = jax.device_put(init_params(model, jax.random.key(0)))
+        models[name] = (model, params)
+        emit(f"ssm_decode/step/{name}/model", "params", n_params(params), d_model=cfg.d_model,
+             layers=cfg.num_layers, vocab=cfg.vocab_size, dtype=cfg.dtype,
+             **({"ssm": {k: getattr(cfg.ssm, k) for k in ("num_heads", "head_dim", "state_size", "n_groups",
+                                                            "conv_width", "rollback_window")}}
+                if name == "ssm" else
+                {"attention": {k: getattr(cfg.attention, k) for k in ("num_heads", "num_kv_heads", "head_dim")},
+                 "mlp_dim": cfg.mlp_dim}))
+
+    def make_case(model, params, ctx):
+        # One compiled step per (model, state shape); the state is donated and reused in place.
+        # The new state keeps the input's lengths, so every step decodes at this context.
+        @functools.partial(jax.jit, donate_argnums=2)
+        def step(p, tok, st):
+            out = model.apply({"params": p}, tok, state=st)
+            return out.logits_BTV, out.state.replace(lengths_B=st.lengths_B)
+
+        st = init_state(model.cfg, 1, ctx + 8).replace(lengths_B=jnp.full((1,), ctx, jnp.int32))
+        if st.ssm is not None:
+            st = st.replace(ssm=st.ssm.replace(floor_B=jnp.full((1,), ctx, jnp.int32)))
+        tok = jnp.zeros((1, 1), jnp.int32)
+        box = {"st": st}
+        state_bytes = nbytes(st)
+
+        def run(n=args.steps):
+            st = box["st"]
+            for _ in range(n):
+                logits, st = step(params, tok, st)
+            jax.block_until_ready(logits)
+            box["st"] = st
+
+        run(2)  # compile + warm up
+        return run, state_bytes
+
+    cases, state_bytes = {}, {}
+    for name, (model, params) in models.items():
+        for ctx in args.contexts:
+            cases[(name, ctx)], state_bytes[(name, ctx)] = make_case(model, params, ctx)
+    times = interleaved({f"{n}@{c}": fn for (n, c), fn in cases.items()}, args.rounds, pause=0.05)
+    per_step = {k: median(v) / args.steps for k, v in times.items()}
+
+    lo, hi = min(args.contexts), max(args.contexts)
+    for name in models:
+        for ctx in args.contexts:
+            emit(f"ssm_decode/step/{name}/ctx{ctx}", "seconds_per_token", per_step[f"{name}@{ctx}"],
+                 tokens_per_s=1 / per_step[f"{name}@{ctx}"], state_bytes=state_bytes[(name, ctx)],
+                 rounds_s=times[f"{name}@{ctx}"], steps_per_round=args.steps)
+        r = per_step[f"{name}@{hi}"] / per_step[f"{name}@{lo}"]
+        target = STEP_RATIO_TARGET if name == "ssm" and not args.quick else None
+        emit(f"ssm_decode/step/{name}/growth", f"seconds_per_token_ctx{hi}_over_ctx{lo}", r,
+             baseline=per_step[f"{name}@{lo}"], ratio=r, target=target,
+             met=None if target is None else r <= target,
+             state_bytes_ratio=state_bytes[(name, hi)] / state_bytes[(name, lo)])
+    r = per_step[f"attn@{hi}"] / per_step[f"ssm@{hi}"]
+    emit(f"ssm_decode/step/ctx{hi}", "ssm_over_attn_tokens_per_s", r, baseline=1 / per_step[f"attn@{hi}"], ratio=r,
+         ssm_tokens_per_s=1 / per_step[f"ssm@{hi}"], attn_tokens_per_s=1 / per_step[f"attn@{hi}"],
+         ssm_state_bytes=state_bytes[("ssm", hi)], attn_state_bytes=state_bytes[("attn", hi)],
+         state_bytes_attn_over_ssm=state_bytes[("attn", hi)] / state_bytes[("ssm", hi)])
+
+
+def hf_mamba2_pair(args):
+    """(hf_model, lmx_model, lmx_params): one random f32 transformers Mamba2ForCausalLM, saved and loaded
+    into lmx. No bos/eos/pad ids, so HF generation never stops early."""
+    import transformers
+
+    heads = args.ssm_heads
+    hf_cfg = transformers.Mamba2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.ssm_layers, num_heads=heads,
+        head_dim=2 * args.hidden // heads, expand=2, state_size=args.state_size, n_groups=1, conv_kernel=4,
+        chunk_size=64, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.Mamba2ForCausalLM(hf_cfg).to(torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, params = load_hf(tmp, dtype="float32")
+    return hf, model, jax.device_put(params)
+
+
+def generate_part(args):
+    hf, model, params = hf_mamba2_pair(args)
+    P, N = args.prompt_len, args.new_tokens
+    emit("ssm_decode/generate/model", "params", n_params(params), hf_params=sum(p.numel() for p in hf.parameters()),
+         d_model=args.hidden, layers=args.ssm_layers, vocab=args.vocab, state_size=args.state_size,
+         prompt_len=P, new_tokens=N, hf_fast_kernels=bool(getattr(
+             sys.modules.get("transformers.models.mamba2.modeling_mamba2"), "is_fast_path_available", False)))
+    rng = np.random.default_rng(0)
+    for B in args.batches:
+        tokens_BT = rng.integers(0, args.vocab, (B, P), dtype=np.int32)
+        lengths_B = np.full((B,), P, np.int32)
+        ids = torch.from_numpy(tokens_BT.astype(np.int64))
+        outputs = {}
+
+        def run_lmx(tokens_BT=tokens_BT, lengths_B=lengths_B, outputs=outputs):
+            gen = generate(model, params, (tokens_BT, lengths_B), max_new_tokens=N, sampler=Greedy())
+            outputs["lmx"] = np.asarray(gen.tokens_BRT[:, 0])
+
+        def make_hf(threads, ids=ids, outputs=outputs):
+            def run_hf():
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
+                                      min_new_tokens=N, do_sample=False, num_beams=1, pad_token_id=0)
+                outputs.setdefault("hf", []).append(out[:, P:].numpy())
+            return run_hf
+
+        run_lmx()  # compile + warm up
+        sides = {"lmx": run_lmx, **{f"hf_t{n}": make_hf(n) for n in args.torch_threads}}
+        times = interleaved(sides, args.rounds)
+        for hf_BT in outputs["hf"]:
+            if hf_BT.shape != (B, N) or not np.array_equal(hf_BT, outputs["lmx"]):
+                bad = np.argwhere(hf_BT != outputs["lmx"]) if hf_BT.shape == (B, N) else None
+                sys.exit(f"FAIL: lmx and transformers greedy tokens differ at batch {B}: shape {hf_BT.shape}, "
+                         f"first (row, pos) {None if bad is None else bad[np.argmin(bad[:, 1])].tolist()}")
+        emit(f"ssm_decode/generate/b{B}/parity", "tokens_identical", True, rows=B, tokens=N,
+             rounds_checked=len(outputs["hf"]))
+        med = {k: median(v) for k, v in times.items()}
+        tps = {k: B * N / t for k, t in med.items()}
+        best = max((k for k in tps if k != "lmx"), key=tps.get)
+        ratio = tps["lmx"] / tps[best]
+        target = None if args.quick else GENERATE_TARGET
+        nominal = f"hf_t{os.cpu_count()}"
+        emit(f"ssm_decode/generate/b{B}", "tokens_per_s", tps["lmx"], tps[best], ratio,
+             baseline_name=f"transformers Mamba2ForCausalLM.generate ({best[4:]} torch threads)",
+             target=target, met=None if target is None else ratio >= target,
+             **({f"ratio_vs_{nominal}": tps["lmx"] / tps[nominal]} if nominal in tps else {}),
+             **{f"tokens_per_s_{k}": v for k, v in tps.items() if k != "lmx"},
+             **{f"{k}_s": v for k, v in times.items()})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(os.cpu_count())
+    emit("ssm_decode/env", "info", None, **environment("benchmarks.ssm_decode"))
+    if not args.skip_step:
+        step_part(args)
+    if not args.skip_generate:
+        generate_part(args)
+    try:
+        emit("ssm_decode/env_end", "info", None, loadavg_1_5_15=os.getloadavg())
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
