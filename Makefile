@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.ssm_decode
 
 lint: $(STAMP)
 	$(BIN)/ruff check lmx tests experiments benchmarks
