@@ -167,8 +167,11 @@ def current_state(ssm_BQNHZ, lengths_B):
 
 
 def ring_write(ring_BQ, pos_B, value_B):
-    """Write each row's value into slot pos % Q."""
-    return ring_BQ.at[jnp.arange(ring_BQ.shape[0]), pos_B % ring_BQ.shape[1]].set(value_B.astype(ring_BQ.dtype))
+    """Write each row's value into slot pos % Q. A one-hot select, not a per-row scatter: XLA fuses it into one
+    elementwise pass, where the scatter copied the ring and then updated it serially."""
+    hit_BQ = jnp.arange(ring_BQ.shape[1]) == (pos_B % ring_BQ.shape[1])[:, None]
+    hit = hit_BQ.reshape(hit_BQ.shape + (1,) * (ring_BQ.ndim - 2))
+    return jnp.where(hit, value_B.astype(ring_BQ.dtype)[:, None], ring_BQ)
 
 
 def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64):
