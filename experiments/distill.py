@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 from tqdm.auto import tqdm
 
-from lmx.data import CharTokenizer, batches, get_task, prompt_batch
+from lmx.data import CharTokenizer, batches, get_task, held_out_problems, prompt_batch
 from lmx.decoding import Greedy, generate
 from lmx.models import build
 from lmx.train.checkpoint import Checkpointer
@@ -56,26 +56,6 @@ def load_teacher(teacher_dir: Path, tok):
             raise FileNotFoundError(f"no checkpoint under {teacher_dir / 'checkpoints'}")
         logging.info("teacher: %s step %d", teacher_dir, ckpt.latest_step())
     return tcfg, model, restored[0].params
-
-
-def held_out_problems(task, tok, streams, n: int, seed: int):
-    """`n` distinct problems whose prompts occur in none of the training `streams` (tuples of
-    batch_size, seq_len, seed, steps; batches are a pure function of seed and step, so they are replayed)."""
-    seen = set()
-    for batch_size, seq_len, seed_, steps in streams:
-        data = batches(task, tok, int(batch_size), int(seq_len), seed=int(seed_))
-        for _ in range(int(steps)):
-            for row in next(data)["tokens_BT"]:
-                seen.add(tok.decode(row.tolist(), skip_special=True).split("=")[0])
-    rng, out, drawn = np.random.default_rng([int(seed), 7]), [], 0
-    while len(out) < n:
-        for p in task.sample(rng, n - len(out)):
-            drawn += 1
-            key = p.prompt.split("=")[0]
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out, drawn
 
 
 def train_student(cfg, run_dir: Path, model, teacher_model, teacher_params, task, tok):
@@ -171,9 +151,9 @@ def main(argv):
     student_min = (time.time() - t1) / 60
 
     ev = cfg.eval
-    streams = [(tcfg.train.batch_size, tcfg.train.seq_len, tcfg.seed, tcfg.train.steps),
-               (cfg.student.batch_size, cfg.student.seq_len, cfg.student.seed, cfg.student.steps)]
-    problems, drawn = held_out_problems(task, tok, streams, int(ev.held_out), int(ev.seed))
+    streams = [(tcfg.train.batch_size, tcfg.seed, tcfg.train.steps),
+               (cfg.student.batch_size, cfg.student.seed, cfg.student.steps)]
+    problems, drawn = held_out_problems(task, streams, int(ev.held_out), int(ev.seed))
     args = (task, tok, problems, int(ev.max_new_tokens), int(ev.batch_size))
     ev_teacher = evaluate(teacher_model, teacher_params, *args)
     ev_student = evaluate(student, state.params, *args)

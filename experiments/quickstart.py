@@ -10,11 +10,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lmx.data import CharTokenizer, batches, get_task
+from lmx.data import CharTokenizer, get_task, held_out_problems
 from lmx.models import build
 from lmx.train.loop import model_config, train
 from lmx.train.report import quiet_orbax, write_report
@@ -23,24 +22,6 @@ from lmx.train.sft import evaluate
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/quickstart.py", "Quickstart config.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/quickstart/<timestamp>).")
-
-
-def held_out_problems(cfg, task, tok, n: int):
-    """`n` problems whose prompts never occur in the training stream (batches are a pure function of the
-    seed and step, so the stream is replayed here rather than stored)."""
-    stream = batches(task, tok, int(cfg.train.batch_size), int(cfg.train.seq_len), seed=int(cfg.seed))
-    seen = set()
-    for _ in range(int(cfg.train.steps)):
-        for row in next(stream)["tokens_BT"]:
-            seen.add(tok.decode(row.tolist(), skip_special=True).split("=")[0])
-    rng, out, drawn = np.random.default_rng([int(cfg.eval.seed), 7]), [], 0
-    while len(out) < n:
-        for p in task.sample(rng, n - len(out)):
-            drawn += 1
-            if p.prompt.split("=")[0] not in seen:
-                seen.add(p.prompt.split("=")[0])  # no duplicates within the eval set either
-                out.append(p)
-    return out, drawn
 
 
 def main(argv):
@@ -53,7 +34,8 @@ def main(argv):
     result = train(cfg, run_dir)  # cfg.eval.num_problems = 0: the held-out evaluation below replaces it
     train_min = (time.time() - t0) / 60
     tok, task = CharTokenizer(), get_task(cfg.task.name, **dict(cfg.task.kwargs))
-    problems, drawn = held_out_problems(cfg, task, tok, int(cfg.eval.held_out))
+    stream = (int(cfg.train.batch_size), int(cfg.seed), int(cfg.train.steps))
+    problems, drawn = held_out_problems(task, [stream], int(cfg.eval.held_out), int(cfg.eval.seed))
     ev = evaluate(build(model_config(cfg.model, tok.vocab_size)), result.params, task, tok, problems,
                   int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size))
     minutes = (time.time() - t0) / 60

@@ -7,6 +7,7 @@ light for training and decoding code.
 from lmx.data.batching import (
     batches,
     encode_example,
+    held_out_problems,
     make_batch,
     pack_examples,
     prompt_batch,
@@ -39,7 +40,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "TASKS", "Arithmetic", "CharTokenizer", "Countdown", "Problem", "ReasoningGymTask", "ShortestPath",
-    "Task", "TaskSource", "batches", "build_task_dataset", "encode_example", "extract_answer",
+    "Task", "TaskSource", "batches", "held_out_problems", "build_task_dataset", "encode_example", "extract_answer",
     "format_target", "get_task", "load_task_source", "make_batch", "pack_examples", "prompt_batch",
     "sample_split", "step_rng",
 ]

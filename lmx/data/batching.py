@@ -99,3 +99,20 @@ def batches(task: Task, tok: CharTokenizer, batch_size: int, seq_len: int, seed:
 def prompt_batch(tok: CharTokenizer, problems: Sequence[Problem]) -> list[list[int]]:
     """bos + prompt token ids per problem, the input format of `lmx.decoding.generate`."""
     return [[tok.bos_id, *tok.encode(p.prompt)] for p in problems]
+
+
+def held_out_problems(task: Task, streams: Sequence[tuple[int, int, int]], n: int, seed: int
+                      ) -> tuple[list[Problem], int]:
+    """`n` distinct problems whose prompts occur in none of the training `streams`, each given as
+    (batch_size, seed, steps) of `batches`: batch k is `task.sample(step_rng(seed, k), batch_size)`, so the
+    streams are replayed, not stored. Returns the problems and how many candidates were drawn."""
+    seen = {p.prompt for batch_size, stream_seed, steps in streams for step in range(int(steps))
+            for p in task.sample(step_rng(int(stream_seed), step), int(batch_size))}
+    rng, out, drawn = np.random.default_rng([int(seed), 7]), [], 0
+    while len(out) < n:
+        for p in task.sample(rng, n - len(out)):
+            drawn += 1
+            if p.prompt not in seen:
+                seen.add(p.prompt)  # no duplicates within the held-out set either
+                out.append(p)
+    return out, drawn

@@ -66,3 +66,21 @@ def test_batches_are_deterministic_and_resumable():
 def test_prompt_batch():
     ps = [Problem("1+2=", "3"), Problem("10+20=", "30")]
     assert prompt_batch(TOK, ps) == [[TOK.bos_id, *TOK.encode("1+2=")], [TOK.bos_id, *TOK.encode("10+20=")]]
+
+
+def test_held_out_problems_avoid_every_training_stream():
+    from lmx.data import get_task, held_out_problems
+
+    task, tok = get_task("arithmetic", num_digits=(1, 2)), CharTokenizer()
+    streams = [(32, 0, 20), (16, 5, 10)]
+    problems, drawn = held_out_problems(task, streams, 50, seed=3)
+    seen = set()
+    for batch_size, seed, steps in streams:  # replay through the real batch iterator, decoding its prompts
+        data = batches(task, tok, batch_size, 64, seed=seed)
+        for _ in range(steps):
+            b = next(data)
+            for toks, mask in zip(b["tokens_BT"], b["loss_mask_BT"], strict=True):
+                seen.add(tok.decode(toks[1:int(np.argmax(mask > 0))].tolist()))
+    prompts = [p.prompt for p in problems]
+    assert len(prompts) == 50 == len(set(prompts)) and not set(prompts) & seen
+    assert drawn > 50  # 1-2 digit sums are a small space: many candidates were seen in training
