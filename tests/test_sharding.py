@@ -1,16 +1,9 @@
 """lmx.sharding: mesh construction errors, and sharded generate == unsharded on 8 fake CPU devices."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from lmx.sharding import make_mesh
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fake_devices import run_on_8_devices
 
 
 def test_make_mesh_errors_name_the_sizes():
@@ -21,11 +14,7 @@ def test_make_mesh_errors_name_the_sizes():
 
 
 def test_sharded_generate_matches_unsharded():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "tests.sharded_generate_check"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_8_devices("tests.sharded_generate_check")
     assert out["gate_shards"] == 8  # params really are distributed
     for name in ("greedy", "sampled"):
         assert out[name + "_same_tokens"], out
