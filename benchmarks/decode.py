@@ -44,9 +44,7 @@ from benchmarks._common import (
     timed,
 )
 from lmx.decoding import Greedy, cost, generate
-from lmx.models import init_state
-from lmx.models import lm as lmx_lm
-from lmx.models.layers import RMSNorm
+from lmx.models import init_state, unstack_layers
 
 TARGETS = {1: 3.0, 16: 8.0}  # lmx / transformers tokens/s, from the issue
 ROOFLINE_TARGET = 0.60
@@ -223,53 +221,11 @@ def weight_copies_per_step(compiled_text: str, params) -> tuple[int, int]:
     return count, nbytes
 
 
-def unstacked_generate(model, N: int, max_len: int):
-    """A prototype of the proposed fix, for measurement only: the same lmx `Layer` modules and the same
-    prefill, but the decode loop runs the layers as a Python loop over per-layer weight arrays that are
-    sliced out of the stacked [L, ...] params once, before the `while_loop` (not once per layer per step),
-    and keeps one KV cache array per layer. Greedy, no stop tokens, equal-length prompts."""
-    cfg = model.cfg
-    L = cfg.num_layers
-    block_cls = getattr(lmx_lm, "AttnBlock", None) or lmx_lm.Layer  # the scanned attention block (renamed)
-    layer = block_cls(cfg)
-    final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
-
-    @jax.jit
-    def run(params, tokens_BT):
-        B, P = tokens_BT.shape
-        out = model.apply({"params": params}, tokens_BT, state=init_state(cfg, B, max_len))
-        per_layer = [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(L)]  # once per call
-        ks = tuple(out.state.kv.k_LBSKH[i] for i in range(L))
-        vs = tuple(out.state.kv.v_LBSKH[i] for i in range(L))
-        tok_B = jnp.argmax(out.logits_BTV[:, -1], axis=-1).astype(jnp.int32)
-        tokens_BN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok_B)
-
-        def body(carry):
-            step, tok_B, ks, vs, tokens_BN = carry
-            length_B = jnp.full((B,), P - 1, jnp.int32) + step
-            pos_BT = length_B[:, None]
-            x_BTD = jnp.take(params["embed"]["embedding"], tok_B[:, None], axis=0)
-            new_ks, new_vs = [], []
-            for i in range(L):
-                x_BTD, (k, v) = layer.apply({"params": per_layer[i]}, x_BTD, (ks[i], vs[i]),
-                                            (pos_BT, pos_BT, None, length_B))
-                new_ks.append(k)
-                new_vs.append(v)
-            h_BD = final_norm.apply({"params": params["final_norm"]}, x_BTD)[:, 0]
-            tok_B = jnp.argmax(h_BD @ params["lm_head"], axis=-1).astype(jnp.int32)
-            return step + 1, tok_B, tuple(new_ks), tuple(new_vs), tokens_BN.at[:, step].set(tok_B)
-
-        carry = jax.lax.while_loop(lambda c: c[0] < N, body, (jnp.int32(1), tok_B, ks, vs, tokens_BN))
-        return carry[-1]
-
-    return run
-
-
 def profile(args, model, params):
     """Where does a decode step's time go? For each batch size, all lmx-side and timed interleaved (medians):
       lmx      `generate`, per token;
-      proto    the unstacked prototype (same blocks, weights sliced once per call), per token;
-      step     one jitted `model.apply` decode step at the average context (state not donated);
+      step     one jitted `model.apply` decode step (decode layout, `unstack_layers`) at the average context
+               (state not donated);
       step_8x  the same with a cache of 8x the slots holding the same keys: the cost of empty slots;
       dense    the bare weight matmuls, layers unrolled, one array per weight (XLA's dense floor);
       head     the LM head matmul + argmax alone.
@@ -293,12 +249,12 @@ def profile(args, model, params):
 
     head_only = jax.jit(lambda w, x: jnp.argmax(x @ w, axis=-1))
     step = jax.jit(lambda p, tok, st: model.apply({"params": p}, tok, state=st).logits_BTV)
+    step_params = jax.jit(unstack_layers)(params)
 
     rng = np.random.default_rng(1)
     for B in args.batches:
         tokens_BT = rng.integers(0, args.vocab, (B, P), dtype=np.int32)
         lengths_B = np.full((B,), P, np.int32)
-        proto = unstacked_generate(model, N, max_len)
         x_BD = jnp.ones((B, cfg.d_model), jnp.float32) / cfg.d_model
         tok = jnp.zeros((B, 1), jnp.int32)
         st = init_state(cfg, B, max_len).replace(lengths_B=jnp.full((B,), P + N // 2, jnp.int32))
@@ -308,47 +264,37 @@ def profile(args, model, params):
             gen = generate(model, params, (tokens_BT, lengths_B), max_new_tokens=N)
             return np.asarray(gen.tokens_BRT[:, 0])
 
-        def run_proto(tokens_BT=tokens_BT, proto=proto):
-            return np.asarray(proto(params, tokens_BT))
-
-        same = first_mismatch(run_lmx(), run_proto()) is None
         sides = {
-            "lmx": run_lmx, "proto": run_proto,
-            "step": lambda tok=tok, st=st: jax.block_until_ready(step(params, tok, st)),
-            "step_8x": lambda tok=tok, st=st_long: jax.block_until_ready(step(params, tok, st)),
+            "lmx": run_lmx,
+            "step": lambda tok=tok, st=st: jax.block_until_ready(step(step_params, tok, st)),
+            "step_8x": lambda tok=tok, st=st_long: jax.block_until_ready(step(step_params, tok, st)),
             "dense": lambda x_BD=x_BD: jax.block_until_ready(dense_only(layer_ws, head, x_BD)),
             "head": lambda x_BD=x_BD: jax.block_until_ready(head_only(head, x_BD)),
         }
         for fn in sides.values():
             fn()
-        reps = {"lmx": 1, "proto": 1, "step": 10, "step_8x": 10, "dense": 10, "head": 10}
+        reps = {"lmx": 1, "step": 10, "step_8x": 10, "dense": 10, "head": 10}
         t = {k: [] for k in sides}
         for r in range(args.rounds):
             for k in sides if r % 2 == 0 else list(sides)[::-1]:
                 t[k].append(median([timed(sides[k]) for _ in range(reps[k])]))
         med = {k: median(v) for k, v in t.items()}
-        per_tok = {"lmx": med["lmx"] / N, "proto": med["proto"] / N}
+        per_tok = med["lmx"] / N
 
         lmx_copies = weight_copies_per_step(
             _generate_program(model, N, max_len).lower(params, tokens_BT, lengths_B, jax.random.key(0))
             .compile().as_text(), params)
-        proto_copies = weight_copies_per_step(proto.lower(params, tokens_BT).compile().as_text(), params)
-        emit(f"decode/profile/b{B}", "seconds_per_token", per_tok["lmx"], baseline=per_tok["proto"],
-             ratio=per_tok["lmx"] / per_tok["proto"],
-             note="value: lmx generate; baseline: prototype with per-layer weights sliced once per call (ratio = "
-                  "speed-up available from that change); medians",
-             proto_tokens_identical=same, profile_tokens=N, cache_len=max_len,
+        emit(f"decode/profile/b{B}", "seconds_per_token", per_tok, baseline=med["dense"], ratio=per_tok / med["dense"],
+             note="value: lmx generate; baseline: the dense floor (bare weight matmuls); medians",
+             profile_tokens=N, cache_len=max_len,
              step_s=med["step"], step_8x_cache_s=med["step_8x"],
              seconds_per_empty_cache_slot=(med["step_8x"] - med["step"]) / (7 * max_len),
              dense_floor_s=med["dense"], lm_head_s=med["head"],
-             loop_over_step=per_tok["lmx"] / med["step"], step_over_dense_floor=med["step"] / med["dense"],
-             lmx_over_dense_floor=per_tok["lmx"] / med["dense"], proto_over_dense_floor=per_tok["proto"] / med["dense"],
+             loop_over_step=per_tok / med["step"], step_over_dense_floor=med["step"] / med["dense"],
              lm_head_share_of_dense_floor=med["head"] / med["dense"],
-             weight_bytes_read_per_step=must_read, lmx_weight_bytes_per_s=must_read / per_tok["lmx"],
-             proto_weight_bytes_per_s=must_read / per_tok["proto"],
+             weight_bytes_read_per_step=must_read, lmx_weight_bytes_per_s=must_read / per_tok,
              dense_floor_weight_bytes_per_s=must_read / med["dense"],
              lmx_weight_copies_per_step=lmx_copies[0], lmx_weight_bytes_copied_per_step=lmx_copies[1],
-             proto_weight_copies_per_step=proto_copies[0], proto_weight_bytes_copied_per_step=proto_copies[1],
              rounds_s={k: v for k, v in t.items()})
 
 

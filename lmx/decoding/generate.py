@@ -18,7 +18,7 @@ import numpy as np
 
 from lmx.decoding import cost
 from lmx.decoding.sampling import Greedy, Sampler, sample, token_logprobs
-from lmx.models.lm import check_tokens
+from lmx.models.lm import check_tokens, unstack_layers
 from lmx.models.state import init_state, repeat, truncate
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compilation
@@ -217,9 +217,11 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         def keep_going(loop: _Loop):
             return (loop.step < max_new_tokens) & ~stop_when(loop.finished_X.reshape(B, R))
 
+        step_params = unstack_layers(params)  # split the layer stack once, outside the loop (see its docstring)
+
         def decode_step(loop: _Loop) -> _Loop:
             # Finished rows are fed too (static shapes); their outputs are masked in `record`.
-            out = model.apply({"params": params}, loop.last_X[:, None], state=loop.state)
+            out = model.apply({"params": step_params}, loop.last_X[:, None], state=loop.state)
             return record(loop.replace(state=out.state), out.logits_BTV[:, 0], rng)
 
         loop = jax.lax.while_loop(keep_going, decode_step, loop)

@@ -2,12 +2,12 @@
 
 from lmx.models.config import AttentionConfig, ModelConfig, RopeScaling, SSMConfig, preset, preset_names
 from lmx.models.hf import config_from_hf, config_to_hf, load_hf, save_hf
-from lmx.models.lm import LM, LMOutput, build, check_tokens, init_params
+from lmx.models.lm import LM, LMOutput, build, check_tokens, init_params, unstack_layers
 from lmx.models.state import DecodeState, KVCache, SSMCache, SSMPending, init_state, repeat, select, truncate
 
 __all__ = [
     "AttentionConfig", "ModelConfig", "RopeScaling", "SSMConfig", "preset", "preset_names",
     "config_from_hf", "config_to_hf", "load_hf", "save_hf",
     "LM", "LMOutput", "build", "check_tokens", "init_params",
-    "DecodeState", "KVCache", "SSMCache", "SSMPending", "init_state", "repeat", "select", "truncate",
+    "unstack_layers", "DecodeState", "KVCache", "SSMCache", "SSMPending", "init_state", "repeat", "select", "truncate",
 ]

@@ -46,21 +46,28 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
 
 
 class AttnBlock(nn.Module):
-    """Pre-norm attention + SwiGLU block. Blocks map (x_BTD, cache, ctx) -> (x_BTD, cache out)."""
+    """Pre-norm attention + SwiGLU block.
+
+    Blocks map (carry, cache, ctx) -> (carry, cache out) with carry = (x_BTD, kv, i): attention blocks update
+    the stacked KV cache kv = (k_LBKSH, v_LBKSH) (or None) in place at their layer i (an int, or a traced
+    counter under nn.scan) and bump i; SSM blocks take their own layer's rings as `cache` (scanned) and
+    return the new ones. Carrying the stacked cache lets XLA write it in place, then read the layer
+    (profiled: slicing it as a scan input and restacking the output copied it several times per step)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, kv, ctx):
+    def __call__(self, carry, _, ctx):
+        x_BTD, kv, i = carry
         positions_BT, slots_BT, segment_ids_BT, lengths_B = ctx
         cfg = self.cfg
-        cache = None if kv is None else (kv[0], kv[1], lengths_B)
-        y_BTD, new_kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x_BTD), positions_BT, slots_BT, cache,
-                                                     segment_ids_BT)
+        cache = None if kv is None else (*kv, i, lengths_B)
+        y_BTD, kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x_BTD), positions_BT, slots_BT, cache,
+                                                 segment_ids_BT)
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
-        return x_BTD, new_kv
+        return (x_BTD, kv, i + 1), None
 
 
 class SSMBlock(nn.Module):
@@ -69,32 +76,40 @@ class SSMBlock(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cache, ctx):
+    def __call__(self, carry, cache, ctx):
+        x_BTD, kv, i = carry
         _, _, segment_ids_BT, lengths_B = ctx
         y_BTD, out = Mamba2Mixer(self.cfg, name="mixer")(_norm(self.cfg, "norm")(x_BTD), cache, lengths_B,
                                                          segment_ids_BT)
         x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed"))
-        return x_BTD, out
+        return (x_BTD, kv, i), out
 
 
 BLOCKS = {"attn": AttnBlock, "ssm": SSMBlock}
 
 
+def _run_unit(kinds, make_block, carry, ssm_cache, ctx):
+    """The blocks of one repetition of the pattern unit. ssm_cache: this repetition's SSM rings stacked on a
+    leading axis (or None); returns the carry and the SSM blocks' outputs stacked the same way."""
+    ssm_outs = []
+    for i, kind in enumerate(kinds):
+        cache = jax.tree.map(operator.itemgetter(len(ssm_outs)), ssm_cache) if kind == "ssm" else None
+        carry, out = make_block(i, kind)(carry, cache, ctx)
+        if kind == "ssm":
+            ssm_outs.append(out)
+    return carry, (jax.tree.map(lambda *a: jnp.stack(a), *ssm_outs) if ssm_outs else None)
+
+
 class Unit(nn.Module):
-    """One repetition of a multi-block pattern unit. caches: kind -> that kind's caches for this unit, stacked
-    on a leading axis (or None); returns the blocks' outputs stacked the same way."""
+    """One repetition of a multi-block pattern unit (blocks named {kind}_{i})."""
 
     cfg: ModelConfig
     kinds: tuple[str, ...]
 
     @nn.compact
-    def __call__(self, x_BTD, caches, ctx):
-        outs = {kind: [] for kind in caches}
-        for i, kind in enumerate(self.kinds):
-            cache = jax.tree.map(operator.itemgetter(len(outs[kind])), caches[kind])  # j-th block of its kind
-            x_BTD, out = BLOCKS[kind](self.cfg, name=f"{kind}_{i}")(x_BTD, cache, ctx)
-            outs[kind].append(out)
-        return x_BTD, {kind: jax.tree.map(lambda *a: jnp.stack(a), *o) if o else None for kind, o in outs.items()}
+    def __call__(self, carry, ssm_cache, ctx):
+        return _run_unit(self.kinds, lambda i, kind: BLOCKS[kind](self.cfg, name=f"{kind}_{i}"), carry, ssm_cache,
+                         ctx)
 
 
 def _ssm_state(state: DecodeState, out, T: int) -> SSMCache:
@@ -124,9 +139,14 @@ class LM(nn.Module):
         x_BTD = embed(tokens_BT)
         if state is not None and state.ssm is not None:
             state = state.replace(ssm=commit_pending(state.ssm, state.lengths_B))  # fold the previous call
-        caches = {"attn": None if state is None or state.kv is None else (state.kv.k_LBSKH, state.kv.v_LBSKH),
-                  "ssm": None if state is None or state.ssm is None else (state.ssm.conv_LBWY, state.ssm.ssm_LBQNHZ)}
-        x_BTD, outs = self._stack(x_BTD, caches, (positions_BT, slots_BT, segment_ids_BT, offset_B))
+        kv = None if state is None or state.kv is None else (state.kv.k_LBKSH, state.kv.v_LBKSH)
+        ssm_caches = None if state is None or state.ssm is None else (state.ssm.conv_LBWY, state.ssm.ssm_LBQNHZ)
+        ctx = (positions_BT, slots_BT, segment_ids_BT, offset_B)
+        layers = None if self.is_initializing() else self.variables["params"].get("layers")
+        if isinstance(layers, tuple):  # decode layout, see unstack_layers
+            (x_BTD, kv, _), ssm_out = self._unrolled(layers, (x_BTD, kv, 0), ssm_caches, ctx)
+        else:
+            (x_BTD, kv, _), ssm_out = self._stack((x_BTD, kv, jnp.int32(0)), ssm_caches, ctx)
         h_BTD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(x_BTD)
 
         if cfg.tie_embeddings:
@@ -137,22 +157,21 @@ class LM(nn.Module):
             logits_BTV = h_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
         new_state = None
         if state is not None:
-            kv = None if state.kv is None else KVCache(*outs["attn"])
-            ssm = None if state.ssm is None else _ssm_state(state, outs["ssm"], T)
+            kv = None if kv is None else KVCache(*kv)
+            ssm = None if state.ssm is None else _ssm_state(state, ssm_out, T)
             new_state = DecodeState(lengths_B=state.lengths_B + T, kv=kv, ssm=ssm)
         return LMOutput(logits_BTV.astype(jnp.float32), new_state, {"hidden_BTD": h_BTD})
 
-    def _stack(self, x_BTD, caches, ctx):
-        """Scan over repetitions of the pattern unit; caches and outputs are kind -> per-layer stacks."""
+    def _stack(self, carry, ssm_caches, ctx):
+        """Scan over repetitions of the pattern unit; SSM rings are scanned in and out per layer."""
         cfg = self.cfg
         unit = repeating_unit(cfg.layer_pattern)
         reps = cfg.num_layers // len(unit)
         if len(unit) == 1:
-            block = BLOCKS[unit[0]]
-            xs, args = caches[unit[0]], (cfg,)
+            block, args, xs = BLOCKS[unit[0]], (cfg,), ssm_caches
         else:
             block, args = Unit, (cfg, unit)
-            xs = {k: jax.tree.map(lambda a: a.reshape(reps, -1, *a.shape[1:]), c) for k, c in caches.items()}
+            xs = jax.tree.map(lambda a: a.reshape(reps, -1, *a.shape[1:]), ssm_caches)
         stack = nn.scan(
             nn.remat(block, prevent_cse=False) if cfg.remat else block,
             variable_axes={"params": 0},
@@ -161,10 +180,45 @@ class LM(nn.Module):
             length=reps,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(*args, name="layers")
-        x_BTD, ys = stack(x_BTD, xs, ctx)
-        if len(unit) == 1:
-            return x_BTD, {**dict.fromkeys(caches), unit[0]: ys}
-        return x_BTD, {k: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), y) for k, y in ys.items()}
+        carry, ys = stack(carry, xs, ctx)
+        return carry, (ys if len(unit) == 1 else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
+
+    def _unrolled(self, layers, carry, ssm_caches, ctx):
+        """The same blocks as `_stack`, applied in a Python loop over per-repetition param trees (static
+        layer indices)."""
+        cfg = self.cfg
+        unit = repeating_unit(cfg.layer_pattern)
+        per_rep = sum(k == "ssm" for k in unit)
+        outs = []
+        for r, p in enumerate(layers):
+            make = lambda i, kind, p=p: _Bound(BLOCKS[kind](cfg), p if len(unit) == 1 else p[f"{kind}_{i}"])
+            cache = jax.tree.map(lambda a, r=r: a[r * per_rep:(r + 1) * per_rep], ssm_caches)
+            carry, out = _run_unit(unit, make, carry, cache, ctx)
+            outs.append(out)
+        return carry, (jax.tree.map(lambda *a: jnp.concatenate(a), *outs) if per_rep else None)
+
+
+class _Bound:
+    """A block applied with given params (the unrolled decode path calls blocks outside the scan)."""
+
+    def __init__(self, block, params):
+        self.block, self.params = block, params
+
+    def __call__(self, *args):
+        return self.block.apply({"params": self.params}, *args)
+
+
+def unstack_layers(params):
+    """The decode layout of `params`: the stacked `params["layers"]` (leading axis = repetitions of the layer
+    pattern's unit, for nn.scan) split into a tuple of per-repetition trees. `model.apply` accepts either
+    layout with the same result. Inside a decode loop, XLA:CPU copies every layer's weights out of the stack
+    at every step (profiled: 100 MB per step on the 58M decode benchmark); `generate` therefore splits once per
+    call, before its loop. Costs one copy of the layer weights while the split params are alive."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    reps = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(operator.itemgetter(i), layers) for i in range(reps))}
 
 
 def build(cfg: ModelConfig) -> nn.Module:

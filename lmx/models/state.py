@@ -48,8 +48,8 @@ from lmx.models.ssm import commit
 
 @flax.struct.dataclass
 class KVCache:
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    k_LBKSH: jax.Array  # [L, B, K, S, H]: heads before slots, so attention reads it without a transpose
+    v_LBKSH: jax.Array
 
 
 @flax.struct.dataclass
@@ -87,7 +87,7 @@ class DecodeState:
 
     @property
     def max_len(self) -> int:
-        return self.kv.k_LBSKH.shape[2] if self.kv is not None else 0
+        return self.kv.k_LBKSH.shape[3] if self.kv is not None else 0
 
 
 def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DecodeState:
@@ -99,7 +99,7 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Decode
     a = cfg.attention
     kv = ssm = None
     if cfg.num_attn_layers:
-        shape = (cfg.num_attn_layers, batch, max_len, a.num_kv_heads, a.head_dim)
+        shape = (cfg.num_attn_layers, batch, a.num_kv_heads, max_len, a.head_dim)
         kv = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     if cfg.num_ssm_layers:
         s, L = cfg.ssm, cfg.num_ssm_layers
@@ -127,7 +127,7 @@ def commit_pending(ssm: SSMCache, lengths_B) -> SSMCache:
 
 def _map_rows(obj, fn):
     """Apply fn(array, batch_axis) to every array of a state; the batch axis is where "B" sits in the
-    field's shape suffix (lengths_B: 0, k_LBSKH: 1)."""
+    field's shape suffix (lengths_B: 0, k_LBKSH: 1)."""
     changes = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
