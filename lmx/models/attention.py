@@ -12,7 +12,6 @@ from lmx.models.config import ModelConfig
 from lmx.models.layers import apply_rope, dense_init, rope_inv_freq
 
 NEG_INF = -1e30
-SMALL_QUERY = 16  # cached calls with at most this many query rows per KV head (T·G) use decode_attention
 
 
 def attention_mask(q_pos_BT, k_pos_BS, *, window: int | None, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None):
@@ -40,28 +39,34 @@ def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, sm_scale: float):
     return o_BTKGH.reshape(B, T, N, H)
 
 
-def decode_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, sm_scale: float):
-    """Attention of a few query rows over a cache laid out [B, K, S, H]. As multiply-and-reduce (not dots)
-    XLA:CPU reads the cache where it lies; the dot form copied a transposed cache every step."""
+def cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS, sm_scale: float):
+    """Attention over one layer's KV cache. The layouts make both products plain batched matmuls over the
+    leading (B, K) axes with the cache as the untransposed right operand, so XLA:CPU reads it where it lies
+    (profiled: a [B, S, K, H] cache was transposed and copied every decode step)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    f32 = jnp.float32
-    q_BKGTH = jnp.transpose(q_BTNH.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4)).astype(f32)
-    s_BKGTS = jnp.sum(q_BKGTH[:, :, :, :, None] * k_BKSH[:, :, None, None].astype(f32), -1) * sm_scale
+    K = k_BKHS.shape[1]
+    q_BKGTH = jnp.transpose(q_BTNH.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
+    s_BKGTS = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS, preferred_element_type=jnp.float32) * sm_scale
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, NEG_INF)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    o_BKGTH = jnp.sum(p_BKGTS[..., None] * v_BKSH[:, :, None, None].astype(f32), -2)
-    return jnp.transpose(o_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q_BTNH.dtype)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    o_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS, v_BKSH)
+    return jnp.transpose(o_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 
-def write_cache(cache_LBKSH, new_BTKH, layer, start_B):
-    """Write each row's T new entries of one layer at slots start_B + t: a scatter that XLA performs in place
-    when the cache is loop-carried or donated. Writes past the last slot are dropped (callers check room)."""
+def write_cache(cache, new_BTKH, start_B, slot_axis: int):
+    """Write each row's T new entries at slots start_B + t along `slot_axis` of a [B, ...] cache: a scatter
+    that XLA performs in place on a loop-carried or donated buffer. Callers must check there is room: with
+    "drop" or "clip" semantics XLA reads the old value to select and copies the whole cache every step."""
     B, T = new_BTKH.shape[:2]
-    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    slots_BT = start_B[:, None] + jnp.arange(T)[None, :]
-    return cache_LBKSH.at[layer, rows_BT, :, slots_BT].set(new_BTKH.astype(cache_LBKSH.dtype), mode="drop",
-                                                          unique_indices=True)
+    if B == 1:  # XLA would turn the scatter into a bounds-checked DUS that copies the cache; a plain DUS is in place
+        new = jnp.moveaxis(new_BTKH, 1, slot_axis)
+        start = [0] * cache.ndim
+        start[slot_axis] = start_B[0]
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+    index = [slice(None)] * cache.ndim
+    index[0] = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    index[slot_axis] = start_B[:, None] + jnp.arange(T)[None, :]
+    return cache.at[tuple(index)].set(new_BTKH.astype(cache.dtype), mode="promise_in_bounds", unique_indices=True)
 
 
 class Attention(nn.Module):
@@ -69,8 +74,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, slots_BT, cache=None, segment_ids_BT=None):
-        """cache: None (teacher-forced) or (k_LBKSH, v_LBKSH, layer, lengths_B), the stacked KV cache of all
-        attention layers and this layer's index. Returns y_BTD and the updated (k_LBKSH, v_LBKSH) or None."""
+        """cache: None (teacher-forced) or this layer's (k_BKHS, v_BKSH, lengths_B). Returns y_BTD and the
+        cache with this call's entries written at slots lengths_B + t (or None)."""
         cfg, a = self.cfg, self.cfg.attention
         D, N, K, H = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -99,17 +104,14 @@ class Attention(nn.Module):
             o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
             new_cache = None
         else:  # write this call's entries in place, then attend over the layer's cache (slot <= query slot)
-            k_LBKSH, v_LBKSH, layer, lengths_B = cache
-            k_LBKSH = write_cache(k_LBKSH, k_BTKH, layer, lengths_B)
-            v_LBKSH = write_cache(v_LBKSH, v_BTKH, layer, lengths_B)
-            keys_BKSH, values_BKSH = k_LBKSH[layer].astype(dt), v_LBKSH[layer].astype(dt)
-            B, T, S = x.shape[0], x.shape[1], keys_BKSH.shape[2]
+            k_BKHS, v_BKSH, lengths_B = cache
+            k_BKHS = write_cache(k_BKHS, k_BTKH, lengths_B, slot_axis=3)
+            v_BKSH = write_cache(v_BKSH, v_BTKH, lengths_B, slot_axis=2)
+            B, S = x.shape[0], v_BKSH.shape[2]
             mask = attention_mask(slots_BT, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
                                   window=a.sliding_window)
-            if T * (N // K) <= SMALL_QUERY:
-                o_BTNH = decode_attention(q_BTNH, keys_BKSH, values_BKSH, mask, 1.0 / math.sqrt(H))
-            else:
-                o_BTNH = dot_attention(q_BTNH, jnp.swapaxes(keys_BKSH, 1, 2), jnp.swapaxes(values_BKSH, 1, 2), mask,
-                                       1.0 / math.sqrt(H))
-            new_cache = (k_LBKSH, v_LBKSH)
-        return jnp.einsum("BTNH,NHD->BTD", o_BTNH, wo.astype(dt)), new_cache
+            o_BTNH = cached_attention(q_BTNH, k_BKHS.astype(dt), v_BKSH.astype(dt), mask, 1.0 / math.sqrt(H))
+            new_cache = (k_BKHS, v_BKSH)
+        # As a 2-D matmul: with the einsum XLA:CPU transposed (copied) wo to suit o's layout at every step.
+        o_BTF = o_BTNH.reshape(*o_BTNH.shape[:2], N * H)
+        return o_BTF @ wo.reshape(N * H, D).astype(dt), new_cache

@@ -46,28 +46,22 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
 
 
 class AttnBlock(nn.Module):
-    """Pre-norm attention + SwiGLU block.
-
-    Blocks map (carry, cache, ctx) -> (carry, cache out) with carry = (x_BTD, kv, i): attention blocks update
-    the stacked KV cache kv = (k_LBKSH, v_LBKSH) (or None) in place at their layer i (an int, or a traced
-    counter under nn.scan) and bump i; SSM blocks take their own layer's rings as `cache` (scanned) and
-    return the new ones. Carrying the stacked cache lets XLA write it in place, then read the layer
-    (profiled: slicing it as a scan input and restacking the output copied it several times per step)."""
+    """Pre-norm attention + SwiGLU block. Blocks map (x_BTD, cache, ctx) -> (x_BTD, new cache): None without a
+    decode state; else this layer's (k_BKHS, v_BKSH) KV cache, or (conv, ssm) rings for an SSM block."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, _, ctx):
-        x_BTD, kv, i = carry
+    def __call__(self, x_BTD, kv, ctx):
         positions_BT, slots_BT, segment_ids_BT, lengths_B = ctx
         cfg = self.cfg
-        cache = None if kv is None else (*kv, i, lengths_B)
+        cache = None if kv is None else (*kv, lengths_B)
         y_BTD, kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x_BTD), positions_BT, slots_BT, cache,
                                                  segment_ids_BT)
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
-        return (x_BTD, kv, i + 1), None
+        return x_BTD, kv
 
 
 class SSMBlock(nn.Module):
@@ -76,40 +70,28 @@ class SSMBlock(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cache, ctx):
-        x_BTD, kv, i = carry
+    def __call__(self, x_BTD, cache, ctx):
         _, _, segment_ids_BT, lengths_B = ctx
         y_BTD, out = Mamba2Mixer(self.cfg, name="mixer")(_norm(self.cfg, "norm")(x_BTD), cache, lengths_B,
                                                          segment_ids_BT)
         x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed"))
-        return (x_BTD, kv, i), out
+        return x_BTD, out
 
 
 BLOCKS = {"attn": AttnBlock, "ssm": SSMBlock}
 
 
-def _run_unit(kinds, make_block, carry, ssm_cache, ctx):
-    """The blocks of one repetition of the pattern unit. ssm_cache: this repetition's SSM rings stacked on a
-    leading axis (or None); returns the carry and the SSM blocks' outputs stacked the same way."""
-    ssm_outs = []
-    for i, kind in enumerate(kinds):
-        cache = jax.tree.map(operator.itemgetter(len(ssm_outs)), ssm_cache) if kind == "ssm" else None
-        carry, out = make_block(i, kind)(carry, cache, ctx)
-        if kind == "ssm":
-            ssm_outs.append(out)
-    return carry, (jax.tree.map(lambda *a: jnp.stack(a), *ssm_outs) if ssm_outs else None)
-
-
 class Unit(nn.Module):
-    """One repetition of a multi-block pattern unit (blocks named {kind}_{i})."""
+    """One repetition of a multi-block pattern unit (blocks named {kind}_{i}), without decode state."""
 
     cfg: ModelConfig
     kinds: tuple[str, ...]
 
     @nn.compact
-    def __call__(self, carry, ssm_cache, ctx):
-        return _run_unit(self.kinds, lambda i, kind: BLOCKS[kind](self.cfg, name=f"{kind}_{i}"), carry, ssm_cache,
-                         ctx)
+    def __call__(self, x_BTD, _, ctx):
+        for i, kind in enumerate(self.kinds):
+            x_BTD, _ = BLOCKS[kind](self.cfg, name=f"{kind}_{i}")(x_BTD, None, ctx)
+        return x_BTD, None
 
 
 def _ssm_state(state: DecodeState, out, T: int) -> SSMCache:
@@ -139,14 +121,15 @@ class LM(nn.Module):
         x_BTD = embed(tokens_BT)
         if state is not None and state.ssm is not None:
             state = state.replace(ssm=commit_pending(state.ssm, state.lengths_B))  # fold the previous call
-        kv = None if state is None or state.kv is None else (state.kv.k_LBKSH, state.kv.v_LBKSH)
-        ssm_caches = None if state is None or state.ssm is None else (state.ssm.conv_LBWY, state.ssm.ssm_LBQNHZ)
         ctx = (positions_BT, slots_BT, segment_ids_BT, offset_B)
         layers = None if self.is_initializing() else self.variables["params"].get("layers")
-        if isinstance(layers, tuple):  # decode layout, see unstack_layers
-            (x_BTD, kv, _), ssm_out = self._unrolled(layers, (x_BTD, kv, 0), ssm_caches, ctx)
-        else:
-            (x_BTD, kv, _), ssm_out = self._stack((x_BTD, kv, jnp.int32(0)), ssm_caches, ctx)
+        if state is None and not isinstance(layers, tuple):
+            x_BTD = self._stack(x_BTD, ctx)
+        else:  # with a decode state (or params in decode layout): the layers unrolled, see unstack_layers
+            if layers is None:  # initialising with a state: let the scan create the params first
+                self._stack(x_BTD, ctx)
+                layers = self.variables["params"]["layers"]
+            x_BTD, kv, ssm_out = self._unrolled(unstack_layers({"layers": layers})["layers"], x_BTD, state, ctx)
         h_BTD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(x_BTD)
 
         if cfg.tie_embeddings:
@@ -157,55 +140,49 @@ class LM(nn.Module):
             logits_BTV = h_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
         new_state = None
         if state is not None:
-            kv = None if kv is None else KVCache(*kv)
             ssm = None if state.ssm is None else _ssm_state(state, ssm_out, T)
             new_state = DecodeState(lengths_B=state.lengths_B + T, kv=kv, ssm=ssm)
         return LMOutput(logits_BTV.astype(jnp.float32), new_state, {"hidden_BTD": h_BTD})
 
-    def _stack(self, carry, ssm_caches, ctx):
-        """Scan over repetitions of the pattern unit; SSM rings are scanned in and out per layer."""
+    def _stack(self, x_BTD, ctx):
+        """Scan over repetitions of the pattern unit (no decode state: training, teacher-forced scoring)."""
         cfg = self.cfg
         unit = repeating_unit(cfg.layer_pattern)
-        reps = cfg.num_layers // len(unit)
-        if len(unit) == 1:
-            block, args, xs = BLOCKS[unit[0]], (cfg,), ssm_caches
-        else:
-            block, args = Unit, (cfg, unit)
-            xs = jax.tree.map(lambda a: a.reshape(reps, -1, *a.shape[1:]), ssm_caches)
+        block, args = (BLOCKS[unit[0]], (cfg,)) if len(unit) == 1 else (Unit, (cfg, unit))
         stack = nn.scan(
             nn.remat(block, prevent_cse=False) if cfg.remat else block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
-            length=reps,
+            length=cfg.num_layers // len(unit),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(*args, name="layers")
-        carry, ys = stack(carry, xs, ctx)
-        return carry, (ys if len(unit) == 1 else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
+        return stack(x_BTD, None, ctx)[0]
 
-    def _unrolled(self, layers, carry, ssm_caches, ctx):
-        """The same blocks as `_stack`, applied in a Python loop over per-repetition param trees (static
-        layer indices)."""
-        cfg = self.cfg
-        unit = repeating_unit(cfg.layer_pattern)
-        per_rep = sum(k == "ssm" for k in unit)
-        outs = []
-        for r, p in enumerate(layers):
-            make = lambda i, kind, p=p: _Bound(BLOCKS[kind](cfg), p if len(unit) == 1 else p[f"{kind}_{i}"])
-            cache = jax.tree.map(lambda a, r=r: a[r * per_rep:(r + 1) * per_rep], ssm_caches)
-            carry, out = _run_unit(unit, make, carry, cache, ctx)
-            outs.append(out)
-        return carry, (jax.tree.map(lambda *a: jnp.concatenate(a), *outs) if per_rep else None)
-
-
-class _Bound:
-    """A block applied with given params (the unrolled decode path calls blocks outside the scan)."""
-
-    def __init__(self, block, params):
-        self.block, self.params = block, params
-
-    def __call__(self, *args):
-        return self.block.apply({"params": self.params}, *args)
+    def _unrolled(self, layers, x_BTD, state, ctx):
+        """The same blocks in a Python loop over per-repetition param trees, with static layer indices: each
+        attention layer's KV cache is its own buffer, written in place and then read (no slicing of a stack);
+        SSM rings are sliced from their [L, ...] stacks and restacked."""
+        unit = repeating_unit(self.cfg.layer_pattern)
+        kv = None if state is None else state.kv
+        ssm = None if state is None or state.ssm is None else (state.ssm.conv_LBWY, state.ssm.ssm_LBQNHZ)
+        ks, vs, ssm_outs = [], [], []
+        for p in layers:
+            for i, kind in enumerate(unit):
+                block = BLOCKS[kind](self.cfg)
+                params = {"params": p if len(unit) == 1 else p[f"{kind}_{i}"]}
+                if kind == "attn":
+                    cache = None if kv is None else (kv.k_BKHS[len(ks)], kv.v_BKSH[len(ks)])
+                    x_BTD, out = block.apply(params, x_BTD, cache, ctx)
+                    ks.append(None if out is None else out[0])
+                    vs.append(None if out is None else out[1])
+                else:
+                    cache = jax.tree.map(operator.itemgetter(len(ssm_outs)), ssm)
+                    x_BTD, out = block.apply(params, x_BTD, cache, ctx)
+                    ssm_outs.append(out)
+        new_kv = None if kv is None else KVCache(tuple(ks), tuple(vs))
+        ssm_out = jax.tree.map(lambda *a: jnp.stack(a), *ssm_outs) if ssm is not None else None
+        return x_BTD, new_kv, ssm_out
 
 
 def unstack_layers(params):

@@ -48,8 +48,11 @@ from lmx.models.ssm import commit
 
 @flax.struct.dataclass
 class KVCache:
-    k_LBKSH: jax.Array  # [L, B, K, S, H]: heads before slots, so attention reads it without a transpose
-    v_LBKSH: jax.Array
+    """One buffer per attention layer (in layer_pattern order), not an [L, ...] stack: a decode step writes
+    and reads each layer's cache in place, where slicing a stack copied it (see lmx.models.attention)."""
+
+    k_BKHS: tuple[jax.Array, ...]  # keys [B, K, H, S]: slots last, so q·kᵀ is a plain matmul
+    v_BKSH: tuple[jax.Array, ...]  # values [B, K, S, H]
 
 
 @flax.struct.dataclass
@@ -87,7 +90,7 @@ class DecodeState:
 
     @property
     def max_len(self) -> int:
-        return self.kv.k_LBKSH.shape[3] if self.kv is not None else 0
+        return self.kv.v_BKSH[0].shape[2] if self.kv is not None else 0
 
 
 def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DecodeState:
@@ -99,8 +102,9 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Decode
     a = cfg.attention
     kv = ssm = None
     if cfg.num_attn_layers:
-        shape = (cfg.num_attn_layers, batch, a.num_kv_heads, max_len, a.head_dim)
-        kv = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        K, H, L = a.num_kv_heads, a.head_dim, cfg.num_attn_layers
+        kv = KVCache(tuple(jnp.zeros((batch, K, H, max_len), dtype) for _ in range(L)),
+                     tuple(jnp.zeros((batch, K, max_len, H), dtype) for _ in range(L)))
     if cfg.num_ssm_layers:
         s, L = cfg.ssm, cfg.num_ssm_layers
         ssm = SSMCache(
@@ -127,12 +131,14 @@ def commit_pending(ssm: SSMCache, lengths_B) -> SSMCache:
 
 def _map_rows(obj, fn):
     """Apply fn(array, batch_axis) to every array of a state; the batch axis is where "B" sits in the
-    field's shape suffix (lengths_B: 0, k_LBKSH: 1)."""
+    field's shape suffix (lengths_B: 0, ssm_LBQNHZ: 1; a tuple field like k_BKHS holds one such array per layer)."""
     changes = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             changes[f.name] = _map_rows(value, fn)
+        elif isinstance(value, tuple):
+            changes[f.name] = tuple(fn(v, f.name.rsplit("_", 1)[1].index("B")) for v in value)
         elif value is not None:
             changes[f.name] = fn(value, f.name.rsplit("_", 1)[1].index("B"))
     return obj.replace(**changes)

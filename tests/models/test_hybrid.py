@@ -139,4 +139,5 @@ def test_layer_patterns_scan_their_repeating_unit():
     assert shapes(odd)["layers"]["ssm_2"]["norm"]["scale"].shape == (1, 64)
     assert preset("hybrid-tiny", num_layers=12).layer_pattern == ("ssm", "ssm", "ssm", "attn") * 3
     state = init_state(preset("hybrid-tiny"), 2, 10)
-    assert state.kv.k_LBKSH.shape == (2, 2, 2, 10, 16) and state.ssm.ssm_LBQNHZ.shape == (6, 2, 5, 8, 16, 16)
+    assert len(state.kv.k_BKHS) == 2 and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
+    assert state.ssm.ssm_LBQNHZ.shape == (6, 2, 5, 8, 16, 16)
