@@ -26,7 +26,7 @@ CONFIGS = {
     "mamba3-tiny": preset("mamba3-tiny"),
     "mamba3-mimo": dataclasses.replace(preset("mamba3-tiny"), ssm=dataclasses.replace(preset("mamba3-tiny").ssm,
                                                                                       mimo_rank=2)),
-    "hybrid-mamba3": _mamba3(preset("hybrid-tiny")),  # ("ssm", "ssm", "ssm", "attn") * 2, Mamba-3 SSM layers
+    "hybrid-mamba3": _mamba3(preset("hybrid-tiny", num_layers=4)),  # ("ssm", "ssm", "ssm", "attn"), Mamba-3
 }
 NAMES = list(CONFIGS)
 LENS = [5, 9, 3]  # prompt lengths; each row then decodes NEW tokens of its own
@@ -112,7 +112,7 @@ def test_cached_decode_equals_teacher_forced(name):
             np.testing.assert_allclose(out.logits_BTV[b, 0], other_BTV[b, k + i], atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["hybrid-tiny", "mamba3-tiny", "hybrid-mamba3"])
+@pytest.mark.parametrize("name", ["hybrid-tiny", "mamba3-tiny"])
 def test_generate_matches_teacher_forced_greedy(name):
     cfg, model, params, apply = _model(name)
     prompts = [[5, 9, 17, 3, 8, 1, 2], [42, 7, 7], [1, 2, 3, 4, 5]]
@@ -171,6 +171,6 @@ def test_layer_patterns_scan_their_repeating_unit():
     assert sorted(shapes(CONFIGS["hybrid-mamba3"])["layers"]["ssm_1"]["mixer"]) == sorted(
         shapes(preset("mamba3-tiny"))["layers"]["mixer"])
     state = init_state(CONFIGS["hybrid-mamba3"], 2, 10)
-    assert isinstance(state.ssm, Mamba3Cache) and state.kv.k_LBSKH.shape == (2, 2, 10, 2, 16)
-    assert [a.shape for a in state.ssm.rings] == [(6, 2, 5, 8, 16, 16), (6, 2, 5, 8, 4), (6, 2, 5, 1, 8, 16),
-                                                  (6, 2, 5, 8, 16)]
+    assert isinstance(state.ssm, Mamba3Cache) and state.kv.k_LBSKH.shape == (1, 2, 10, 2, 16)
+    assert [a.shape for a in state.ssm.rings] == [(3, 2, 5, 8, 16, 16), (3, 2, 5, 8, 4), (3, 2, 5, 1, 8, 16),
+                                                  (3, 2, 5, 8, 16)]
