@@ -209,8 +209,8 @@ def _advance(h_BNHZ, X_prev_BRNH, K_prev_BRNZ, X_BRNH, K_BRNZ, dt_BN, A_BN, lam_
     alpha = jnp.exp(dt_BN * A_BN)
     e = lambda v: v[..., None, None]
     P = lambda X, K: jnp.einsum("BRNH,BRNZ->BNHZ", X, K)
-    return e(alpha) * h_BNHZ + e((1.0 - lam_BN) * dt_BN * alpha) * P(X_prev_BRNH, K_prev_BRNZ) + e(lam_BN * dt_BN) * P(
-        X_BRNH, K_BRNZ)
+    return (e(alpha) * h_BNHZ + e((1.0 - lam_BN) * dt_BN * alpha) * P(X_prev_BRNH, K_prev_BRNZ)
+            + e(lam_BN * dt_BN) * P(X_BRNH, K_BRNZ))
 
 
 # ---------------------------------------------------------------------------------------------------------
