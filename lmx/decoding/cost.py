@@ -5,8 +5,9 @@ Formulas (forward pass only, one multiply-add = 2 FLOPs):
   all parameters except the embedding lookup table (a gather, no FLOPs); with tied embeddings the table is
   the LM head, so it is counted once. Norm scales and biases are included (negligible).
 - attention FLOPs per token = 2 · 2 · L_attn · ctx · N · H (q·kᵀ and p·v over ctx keys, N heads of dim H),
-  where ctx = min(position + 1, sliding_window) keys are attended. SSM (Mamba-2) layers count only their
-  projections (in matmul_params); the scan itself, O(N·H·Z) per token, is not counted.
+  where ctx = min(position + 1, sliding_window) keys are attended. SSM (Mamba-2 and Mamba-3) layers count only
+  their projections (in matmul_params); the scan itself, O(N·H·Z) per token (O(R·N·H·Z) for Mamba-3 MIMO), is
+  not counted.
 - KV-cache bytes per token = 2 (k and v) · L_attn · K · H · bytes(cfg.dtype).
 """
 
@@ -21,9 +22,22 @@ from lmx.models.config import ModelConfig
 def _ssm_layer_params(cfg: ModelConfig) -> int:
     """A Mamba-2 block: in_proj, conv (+ bias), dt_bias, A_log, D, gated norm, out_proj (+ biases), block norm."""
     s, D = cfg.ssm, cfg.d_model
+    if s.variant == "mamba3":
+        return _mamba3_layer_params(cfg)
     P = s.inner_dim + s.conv_dim + s.num_heads  # in_proj outputs: z, xBC, dt
     conv = s.conv_width * s.conv_dim + (s.conv_dim if s.use_conv_bias else 0)
     return D * P + conv + 3 * s.num_heads + s.inner_dim + s.inner_dim * D + ((P + D) if s.use_bias else 0) + D
+
+
+def _mamba3_layer_params(cfg: ModelConfig) -> int:
+    """A Mamba-3 block (lmx.models.mamba3.Mamba3Mixer): in-projections z, x [N·H], B, C [R·Z], (Δ, A, λ) per head
+    and the A angles; dt_bias and D [N]; B/C norm scales [Z] and biases [N·R·Z]; MIMO W_x, W_z, W_o [N·R·H] when
+    R > 1; the gated output norm [N·H]; out [N·H·D]; the block norm [D]."""
+    s, D = cfg.ssm, cfg.d_model
+    N, H, Z, R, A = s.num_heads, s.head_dim, s.state_size, s.mimo_rank, s.num_angles
+    proj_in = D * (2 * N * H + 2 * R * Z + 3 * N + A)
+    mimo = 3 * N * R * H if R > 1 else 0
+    return proj_in + 2 * N + 2 * Z + 2 * N * R * Z + mimo + N * H + N * H * D + D
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 LAYER_KINDS = ("attn", "ssm")
-SSM_VARIANTS = ("mamba2",)  # "mamba3" joins when lmx.models.mamba3 gets its mixer
+SSM_VARIANTS = ("mamba2", "mamba3")  # the mixer of "ssm" layers: lmx.models.ssm / lmx.models.mamba3
+MAMBA3_ROPES = (None, "interleaved", "halves")
 ROPE_SCALINGS = (None, "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -71,8 +73,12 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class SSMConfig:
-    """Mamba-2 (SSD) mixer, as in `transformers` Mamba2: the inner width N·H must equal expand·d_model; B and C
-    are shared by groups of num_heads / n_groups heads. `variant` leaves room for "mamba3"."""
+    """The mixer of "ssm" layers. variant="mamba2": Mamba-2 (SSD) as in `transformers` Mamba2; B and C are shared
+    by groups of num_heads / n_groups heads. variant="mamba3": lmx.models.mamba3.Mamba3Mixer (trapezoidal update,
+    rotary state, MIMO rank R; no conv, one group), as in `mamba_ssm/modules/mamba3.py`. For both, the inner
+    width N·H must equal expand·d_model (the reference's d_inner = expand·d_model, nheads = d_inner / headdim).
+    Fields of one variant (listed in VARIANT_FIELDS) must keep their defaults under the other: a set option that
+    would silently do nothing is an error."""
 
     variant: str = "mamba2"
     num_heads: int = 8  # N
@@ -90,10 +96,27 @@ class SSMConfig:
     dt_floor: float = 1e-4
     rollback_window: int = 4  # decode steps `truncate` can undo (see lmx.models.state); 0 disables
     impl: str = "xla"  # kernel choice for the chunked scan, see lmx.pallas
+    # Mamba-3 only.
+    mimo_rank: int = 1  # R: rank of the per-head input/output projections (1 = SISO)
+    rope_fraction: float = 0.5  # share of the Z state channels that rotate: A = int(Z·rope_fraction) // 2 angles
+    rope: str | None = None  # rotary pairs: "interleaved" (2j, 2j+1) or "halves" (j, j+Z/2); None: by mimo_rank
+    A_floor: float = 1e-4  # A = min(-softplus(·), -A_floor): every step decays at least this much
+
+    VARIANT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mamba2": ("n_groups", "conv_width", "use_bias", "use_conv_bias", "dt_limit"),
+        "mamba3": ("mimo_rank", "rope_fraction", "rope", "A_floor"),
+    }
 
     def __post_init__(self):
         object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
         _check(self.variant in SSM_VARIANTS, f"ssm.variant={self.variant!r} must be one of {SSM_VARIANTS}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for variant, names in self.VARIANT_FIELDS.items():
+            for name in names:
+                value = getattr(self, name)
+                _check(variant == self.variant or value == defaults[name],
+                       f"ssm.{name}={value!r} is a {variant} option (no effect with variant={self.variant!r}); "
+                       f"leave it at {defaults[name]!r}")
         for name in ("num_heads", "head_dim", "state_size", "n_groups", "expand", "chunk_size"):
             _check(getattr(self, name) > 0, f"ssm.{name}={getattr(self, name)} must be > 0")
         _check(self.conv_width >= 2, f"ssm.conv_width={self.conv_width} must be >= 2")
@@ -106,6 +129,20 @@ class SSMConfig:
         _check(0 < self.dt_min <= self.dt_max, f"ssm.dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < min <= max")
         _check(self.rollback_window >= 0, f"ssm.rollback_window={self.rollback_window} must be >= 0")
         _check(self.impl in ("xla", "auto", "pallas"), f"ssm.impl={self.impl!r} must be xla|auto|pallas")
+        if self.variant == "mamba3":
+            _check(self.impl != "pallas", "ssm.impl='pallas': there is no Mamba-3 kernel; use 'xla' or 'auto'")
+            _check(self.mimo_rank >= 1, f"ssm.mimo_rank={self.mimo_rank} must be >= 1")
+            _check(self.state_size % 2 == 0, f"ssm.state_size={self.state_size} must be even for mamba3 (rotary pairs)")
+            _check(0 < self.rope_fraction <= 1 and self.num_angles >= 1,
+                   f"ssm.rope_fraction={self.rope_fraction} must be in (0, 1] and give at least one rotary angle "
+                   f"(int(state_size * rope_fraction) // 2 >= 1) for state_size={self.state_size}")
+            _check(self.rope in MAMBA3_ROPES, f"ssm.rope={self.rope!r} must be one of {MAMBA3_ROPES}")
+            _check(self.A_floor >= 0, f"ssm.A_floor={self.A_floor} must be >= 0")
+
+    @property
+    def num_angles(self) -> int:
+        """Mamba-3 rotary angles per head (A): state channel pairs that rotate."""
+        return int(self.state_size * self.rope_fraction) // 2
 
     @property
     def inner_dim(self) -> int:
@@ -205,6 +242,11 @@ _PRESETS: dict[str, ModelConfig] = {
     "mamba2-tiny": ModelConfig(
         vocab_size=128, d_model=64, num_layers=2, layer_pattern=("ssm",) * 2, norm_eps=1e-5,
         ssm=SSMConfig(num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=8),
+    ),
+    # Mamba-3 (SSM blocks only, like mamba2-tiny); chunk 4 so short test sequences span several chunks.
+    "mamba3-tiny": ModelConfig(
+        vocab_size=128, d_model=64, num_layers=2, layer_pattern=("ssm",) * 2, norm_eps=1e-5,
+        ssm=SSMConfig(variant="mamba3", num_heads=8, head_dim=16, state_size=16, chunk_size=4),
     ),
     "hybrid-tiny": ModelConfig(
         vocab_size=128, d_model=64, num_layers=8, mlp_dim=192, layer_pattern=("ssm", "ssm", "ssm", "attn") * 2,

@@ -214,6 +214,8 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
     if set(cfg.layer_pattern) != {kind}:
         raise ValueError(f"layer_pattern {cfg.layer_pattern} has no Hugging Face {ARCHITECTURES[arch]} equivalent "
                          f"(it needs only {kind!r} layers)")
+    if arch == "mamba2" and cfg.ssm.variant != "mamba2":
+        raise ValueError(f"ssm.variant={cfg.ssm.variant!r} has no Hugging Face {ARCHITECTURES[arch]} equivalent")
     if arch == "mamba2":
         return _mamba2_config_to_hf(cfg)
     a = cfg.attention

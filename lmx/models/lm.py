@@ -1,6 +1,6 @@
 """The decoder LM: embed -> scanned stack of pre-norm blocks -> final norm -> LM head.
 
-Blocks: "attn" is attention + SwiGLU MLP; "ssm" is a Mamba-2 mixer alone (like HF Mamba2). The stack scans
+Blocks: "attn" is attention + SwiGLU MLP; "ssm" is a Mamba-2 or Mamba-3 mixer alone (like HF Mamba2). The stack scans
 over repetitions of the layer pattern's shortest repeating unit, so params of a pattern ("ssm", "ssm", "ssm",
 "attn") * k live under layers/ssm_0, layers/ssm_1, layers/ssm_2, layers/attn_3 with a leading k axis. A
 one-kind unit scans its block directly (params under layers/ with a leading L axis).
@@ -20,8 +20,9 @@ import numpy as np
 from lmx.models.attention import Attention
 from lmx.models.config import ModelConfig, repeating_unit
 from lmx.models.layers import MLP, Embed, RMSNorm, dense_init
+from lmx.models.mamba3 import Mamba3Mixer
 from lmx.models.ssm import Mamba2Mixer
-from lmx.models.state import DecodeState, KVCache, SSMCache, SSMPending, commit_pending
+from lmx.models.state import DecodeState, KVCache, Mamba3Cache, SSMCache, commit_pending
 
 
 @flax.struct.dataclass
@@ -65,15 +66,20 @@ class AttnBlock(nn.Module):
 
 
 class SSMBlock(nn.Module):
-    """Pre-norm residual Mamba-2 mixer (no MLP). cache: None or this layer's (conv, ssm) rings."""
+    """Pre-norm residual SSM mixer (no MLP), Mamba-2 or Mamba-3 by cfg.ssm.variant. cache: None or this layer's
+    rings (SSMCache.rings / Mamba3Cache.rings)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD, cache, ctx):
         _, _, segment_ids_BT, lengths_B = ctx
-        y_BTD, out = Mamba2Mixer(self.cfg, name="mixer")(_norm(self.cfg, "norm")(x_BTD), cache, lengths_B,
-                                                         segment_ids_BT)
+        h_BTD = _norm(self.cfg, "norm")(x_BTD)
+        if self.cfg.ssm.variant == "mamba3":
+            y_BTD, out = Mamba3Mixer.from_config(self.cfg, name="mixer").with_rings(h_BTD, cache, lengths_B,
+                                                                                   segment_ids_BT)
+        else:
+            y_BTD, out = Mamba2Mixer(self.cfg, name="mixer")(h_BTD, cache, lengths_B, segment_ids_BT)
         x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed"))
         return x_BTD, out
 
@@ -94,12 +100,12 @@ class Unit(nn.Module):
         return x_BTD, None
 
 
-def _ssm_state(state: DecodeState, out, T: int) -> SSMCache:
+def _ssm_state(state: DecodeState, out, T: int) -> SSMCache | Mamba3Cache:
     """After one token the rings hold the new step; after more, the call is recorded as pending (state.py)."""
     ssm = state.ssm
     if T > 1:
-        return ssm.replace(pending=SSMPending(state.lengths_B, *out))
-    return SSMCache(*out, floor_B=jnp.maximum(ssm.floor_B, state.lengths_B + 1 - ssm.rollback_window))
+        return ssm.replace(pending=ssm.pending_class(state.lengths_B, *out))
+    return type(ssm)(*out, floor_B=jnp.maximum(ssm.floor_B, state.lengths_B + 1 - ssm.rollback_window))
 
 
 class LM(nn.Module):
@@ -165,7 +171,7 @@ class LM(nn.Module):
         SSM rings are sliced from their [L, ...] stacks and restacked."""
         unit = repeating_unit(self.cfg.layer_pattern)
         kv = None if state is None else state.kv
-        ssm = None if state is None or state.ssm is None else (state.ssm.conv_LBWY, state.ssm.ssm_LBQNHZ)
+        ssm = None if state is None or state.ssm is None else state.ssm.rings
         ks, vs, ssm_outs = [], [], []
         for p in layers:
             for i, kind in enumerate(unit):

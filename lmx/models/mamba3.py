@@ -38,6 +38,15 @@ y_t[r] = h̃_t Q_t[r] − β̃_{t+1} Σ_q (Q_t[r]·K_t[q]) X_t[q] + D X_t[r]. In
 final h̃ is the true final h, and h̃_{−1} = h_{−1} + β̃_0 P_{−1}. That SSD is computed chunk by chunk
 (intra-chunk quadratic form, chunk states, a scan over chunks), after rotating B and C.
 
+Packed sequences: where `segment_ids_BT` changes value a new segment starts from h = 0 and without the previous
+token's P_{t−1} term (β̃_t := 0 there). θ keeps accumulating across the boundary; outputs only see angle
+differences within a segment, so they equal the segment's own run from θ = 0.
+
+Decode-state rings (see lmx.models.state for the layout and rollback rules): `rings` is the tuple
+(ssm_BQNHZ, angle_BQNA, K_BQRNZ, x_BQNH) — the four Mamba3State fields after each of the last Q positions,
+position p in slot p % Q. `current_state` reads a row's state, `write_rings` writes one, and `commit` folds the
+first `valid` tokens of a multi-token call (its pending record) into them.
+
 Everything is computed in float32; y is returned in x's dtype, the state stays float32.
 """
 
@@ -52,6 +61,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lmx.models.layers import dense_init
+from lmx.models.ssm import _starts
 
 TWO_PI = 2.0 * math.pi
 ROPE_LAYOUTS = ("interleaved", "halves")
@@ -181,6 +191,28 @@ def _finish(y_BTRNH, siso: bool, dtype):
     return y.astype(dtype)
 
 
+def _segment_starts(segment_ids_BT, batch: int, T: int):
+    """True where a packed segment starts (never at position 0); all False without segment ids."""
+    if segment_ids_BT is None:
+        return jnp.zeros((batch, T), bool)
+    _check_shape("segment_ids_BT", segment_ids_BT, (batch, T))
+    return _starts(segment_ids_BT)
+
+
+def _rows(mask_B, like):
+    """Reshape a per-row mask to broadcast against `like` ([B, ...])."""
+    return mask_B.reshape(mask_B.shape + (1,) * (like.ndim - 1))
+
+
+def _advance(h_BNHZ, X_prev_BRNH, K_prev_BRNZ, X_BRNH, K_BRNZ, dt_BN, A_BN, lam_BN):
+    """One token of the trapezoid, h_t = α_t h_{t−1} + β_t P_{t−1} + γ_t P_t, on rotated B (K) and projected x (X)."""
+    alpha = jnp.exp(dt_BN * A_BN)
+    e = lambda v: v[..., None, None]
+    P = lambda X, K: jnp.einsum("BRNH,BRNZ->BNHZ", X, K)
+    return (e(alpha) * h_BNHZ + e((1.0 - lam_BN) * dt_BN * alpha) * P(X_prev_BRNH, K_prev_BRNZ)
+            + e(lam_BN * dt_BN) * P(X_BRNH, K_BRNZ))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The three forms
 
@@ -198,10 +230,11 @@ def mamba3_naive(
     D_N: Float[Array, " N"] | None = None,
     state: Mamba3State | None = None,
     rope: str = "interleaved",
+    segment_ids_BT=None,
 ):
     """Ground truth: the literal recurrence h_t = α_t h_{t−1} + β_t P_{t−1} + γ_t P_t, one `lax.scan` step
-    per token. B/C may be [B, T, N, Z] (SISO; y is then [B, T, N, H]) or [B, T, R, N, Z] (y: [B, T, R, N, H]).
-    Returns (y, final Mamba3State)."""
+    per token (h and P_{t−1} reset where a packed segment starts). B/C may be [B, T, N, Z] (SISO; y is then
+    [B, T, N, H]) or [B, T, R, N, Z] (y: [B, T, R, N, H]). Returns (y, final Mamba3State)."""
     (x, dt, A, B, C, lam, om, xp_RNH, D, state), siso = _prepare(
         x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, x_proj_NRH, D_N, state, rope,
         time_axis=True)
@@ -215,11 +248,13 @@ def mamba3_naive(
     X = x[:, :, None] * xp_RNH  # [B, T, R, N, H]
     K_prev = jnp.concatenate([state.B_prev_BRNZ[:, None], K[:, :-1]], axis=1)
     X_prev = jnp.concatenate([state.x_prev_BNH[:, None, None] * xp_RNH, X[:, :-1]], axis=1)
+    starts_BT = _segment_starts(segment_ids_BT, Bsz, T)
 
     def body(h_BNHZ, inp):
-        x_t, xp_t, k_t, kp_t, q_t, dt_t, a_t, lam_t = inp
+        x_t, xp_t, k_t, kp_t, q_t, dt_t, a_t, lam_t, start_t = inp
+        h_BNHZ = jnp.where(start_t[:, None, None, None], 0.0, h_BNHZ)  # a new segment: no state, no P_{t−1}
         alpha = jnp.exp(dt_t * a_t)[..., None, None]
-        beta = ((1.0 - lam_t) * dt_t)[..., None, None] * alpha
+        beta = jnp.where(start_t[:, None], 0.0, (1.0 - lam_t) * dt_t)[..., None, None] * alpha
         gamma = (lam_t * dt_t)[..., None, None]
         h = (alpha * h_BNHZ + beta * jnp.einsum("BRNH,BRNZ->BNHZ", xp_t, kp_t)
              + gamma * jnp.einsum("BRNH,BRNZ->BNHZ", x_t, k_t))
@@ -229,7 +264,7 @@ def mamba3_naive(
         return h, y
 
     time_major = lambda a: jnp.moveaxis(a, 1, 0)
-    inputs = tuple(map(time_major, (X, X_prev, K, K_prev, Q, dt, A, lam)))
+    inputs = tuple(map(time_major, (X, X_prev, K, K_prev, Q, dt, A, lam, starts_BT)))
     h, y_TBRNH = jax.lax.scan(body, state.ssm_BNHZ, inputs)
     final = Mamba3State(ssm_BNHZ=h, angle_BNA=_wrap(theta_BTNA[:, -1]), B_prev_BRNZ=K[:, -1], x_prev_BNH=x[:, -1])
     return _finish(jnp.moveaxis(y_TBRNH, 0, 1), siso, x_BTNH.dtype), final
@@ -259,12 +294,7 @@ def mamba3_step(
     Q = rotate(C, theta_BNA[:, None], rope)
     X = x[:, None] * xp_RNH  # [B, R, N, H]
     X_prev = state.x_prev_BNH[:, None] * xp_RNH
-    alpha = jnp.exp(dt * A)
-    beta = (1.0 - lam) * dt * alpha
-    gamma = lam * dt
-    e = lambda v: v[..., None, None]
-    h = (e(alpha) * state.ssm_BNHZ + e(beta) * jnp.einsum("BRNH,BRNZ->BNHZ", X_prev, state.B_prev_BRNZ)
-         + e(gamma) * jnp.einsum("BRNH,BRNZ->BNHZ", X, K))
+    h = _advance(state.ssm_BNHZ, X_prev, state.B_prev_BRNZ, X, K, dt, A, lam)
     y = jnp.einsum("BNHZ,BRNZ->BRNH", h, Q)
     if D is not None:
         y = y + D[:, None] * X
@@ -291,11 +321,21 @@ def mamba3_chunked(
     D_N: Float[Array, " N"] | None = None,
     state: Mamba3State | None = None,
     rope: str = "interleaved",
+    segment_ids_BT=None,
 ):
     """Chunked (block-decomposition) form for training and prefill: the trapezoid rewritten as an SSD with
     input scale s_t = λ_t Δ_t + (1 − λ_{t+1}) Δ_{t+1} over RoPE-rotated B/C, plus a diagonal correction
     (module docstring). T need not be a multiple of chunk_size (the tail is padded with Δ = 0, which leaves
-    the state unchanged). Same arguments and return value as `mamba3_naive`."""
+    the state unchanged); chunks are at most T long. Same arguments and return value as `mamba3_naive`."""
+    y, final, _, _ = _chunked(x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, chunk_size=chunk_size,
+                              x_proj_NRH=x_proj_NRH, D_N=D_N, state=state, rope=rope, segment_ids_BT=segment_ids_BT)
+    return y, final
+
+
+def _chunked(x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, *, chunk_size, x_proj_NRH, D_N, state,
+             rope, segment_ids_BT):
+    """`mamba3_chunked`, also returning every token's angles θ (mod 2π, [B, T, N, A]) and rotated B (K,
+    [B, T, R, N, Z]): what a decode state's pending record keeps to commit the call later."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
     (x, dt, A, B, C, lam, om, xp_RNH, D, state), siso = _prepare(
@@ -305,14 +345,15 @@ def mamba3_chunked(
     R, Z = B.shape[2], B.shape[-1]
     if state is None:
         state = Mamba3State.zeros(Bsz, N, H, Z, om.shape[-1], R)
-    Cl = chunk_size
+    starts = _segment_starts(segment_ids_BT, Bsz, T)
+    Cl = min(chunk_size, T)
     nk = -(-T // Cl)
     pad = nk * Cl - T
 
     def padt(a):  # zero-pad the time axis (Δ = 0 there: no decay, no input, no rotation)
         return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
 
-    x, dt, A, B, C, lam, om = map(padt, (x, dt, A, B, C, lam, om))
+    x, dt, A, B, C, lam, om, starts = map(padt, (x, dt, A, B, C, lam, om, starts))
     chunks = lambda a: a.reshape(Bsz, nk, Cl, *a.shape[2:])  # [B, T, ...] -> [B, k, C, ...]
 
     # Cumulative angles: cumsum inside each chunk, chunk offsets by a mod-2π scan (keeps θ small for long T).
@@ -324,25 +365,32 @@ def mamba3_chunked(
     Q = rotate(chunks(C), theta_BkCNA[:, :, :, None], rope)
     X = chunks(x)[:, :, :, None] * xp_RNH  # [B, k, C, R, N, H]
 
-    # Trapezoid coefficients. bt = β̃_t = (1 − λ_t) Δ_t; bt_next_t = β̃_{t+1} (0 after the last token).
-    bt = (1.0 - lam) * dt
+    # Packed segments: run index per position (padding stays in the last run); the state passes from s to t
+    # only within a run, and into chunk k only if the run it leaves chunk k-1 in ("enter") is still going.
+    runs_BkC = chunks(jnp.cumsum(starts, axis=1, dtype=jnp.int32))
+    last_Bk = runs_BkC[:, :, -1]
+    enter_Bk = jnp.concatenate([runs_BkC[:, :1, 0], last_Bk[:, :-1]], axis=1)
+
+    # Trapezoid coefficients. bt = β̃_t = (1 − λ_t) Δ_t (0 at a segment start); bt_next_t = β̃_{t+1} (0 after the
+    # last token).
+    bt = jnp.where(starts[..., None], 0.0, (1.0 - lam) * dt)
     bt_next = jnp.concatenate([bt[:, 1:], jnp.zeros_like(bt[:, :1])], axis=1)
     s_BkCN = chunks(lam * dt + bt_next)
     L_BkCN = jnp.cumsum(chunks(A * dt), axis=2)  # log-decay from the chunk start, inclusive
 
     # Intra-chunk (quadratic) part: y_t[r] += Σ_{s<=t} e^{L_t − L_s} s_s Σ_q (Q_t[r]·K_s[q]) X_s[q].
     diff = L_BkCN[:, :, :, None, :] - L_BkCN[:, :, None, :, :]  # [B, k, t, s, N]
-    causal = jnp.tril(jnp.ones((Cl, Cl), bool))[None, None, :, :, None]
-    W_BkCCN = jnp.exp(jnp.where(causal, diff, -jnp.inf)) * s_BkCN[:, :, None, :, :]
+    linked_BkCC = jnp.tril(jnp.ones((Cl, Cl), bool)) & (runs_BkC[:, :, :, None] == runs_BkC[:, :, None, :])
+    W_BkCCN = jnp.exp(jnp.where(linked_BkCC[..., None], diff, -jnp.inf)) * s_BkCN[:, :, None, :, :]
     G = jnp.einsum("BktrNZ,BksqNZ->BktrsqN", Q, K)
     y = jnp.einsum("BktrsqN,BktsN,BksqNH->BktrNH", G, W_BkCCN, X)
 
-    # Chunk states (contribution of each chunk to h̃ at its end) and the scan over chunks.
-    to_end = jnp.exp(L_BkCN[:, :, -1:] - L_BkCN) * s_BkCN  # [B, k, C, N]
+    # Chunk states (contribution of each chunk's last run to h̃ at its end) and the scan over chunks.
+    to_end = jnp.exp(L_BkCN[:, :, -1:] - L_BkCN) * s_BkCN * (runs_BkC == last_Bk[..., None])[..., None]
     S_BkNHZ = jnp.einsum("BksN,BksqNH,BksqNZ->BkNHZ", to_end, X, K)
     X_prev = state.x_prev_BNH[:, None] * xp_RNH
     h0 = state.ssm_BNHZ + bt[:, 0, :, None, None] * jnp.einsum("BRNH,BRNZ->BNHZ", X_prev, state.B_prev_BRNZ)
-    chunk_decay_BkN = jnp.exp(L_BkCN[:, :, -1])
+    chunk_decay_BkN = jnp.exp(L_BkCN[:, :, -1]) * (last_Bk == enter_Bk)[..., None]  # 0: a segment starts inside
 
     def carry_over(h, inp):
         decay_BN, S_BNHZ = inp
@@ -350,7 +398,8 @@ def mamba3_chunked(
 
     h_final, h_in_kBNHZ = jax.lax.scan(carry_over, h0, (jnp.moveaxis(chunk_decay_BkN, 1, 0),
                                                          jnp.moveaxis(S_BkNHZ, 1, 0)))
-    y = y + jnp.einsum("BktN,BktrNZ,kBNHZ->BktrNH", jnp.exp(L_BkCN), Q, h_in_kBNHZ)
+    from_enter_BkCN = jnp.exp(L_BkCN) * (runs_BkC == enter_Bk[..., None])[..., None]
+    y = y + jnp.einsum("BktN,BktrNZ,kBNHZ->BktrNH", from_enter_BkCN, Q, h_in_kBNHZ)
 
     # h_t = h̃_t − β̃_{t+1} P_t: remove the part of P_t that only enters at t+1; then the D skip.
     G_diag = jnp.einsum("BktrNZ,BktqNZ->BktrqN", Q, K)
@@ -359,10 +408,86 @@ def mamba3_chunked(
         y = y + D[:, None] * X
     y = y.reshape(Bsz, nk * Cl, R, N, H)[:, :T]
 
-    last = lambda a: a.reshape(Bsz, nk * Cl, *a.shape[3:])[:, T - 1]
-    final = Mamba3State(ssm_BNHZ=h_final, angle_BNA=_wrap(last(theta_BkCNA)), B_prev_BRNZ=last(K),
+    per_token = lambda a: a.reshape(Bsz, nk * Cl, *a.shape[3:])[:, :T]
+    theta_BTNA, K_BTRNZ = _wrap(per_token(theta_BkCNA)), per_token(K)
+    final = Mamba3State(ssm_BNHZ=h_final, angle_BNA=theta_BTNA[:, -1], B_prev_BRNZ=K_BTRNZ[:, -1],
                         x_prev_BNH=x[:, T - 1])
-    return _finish(y, siso, x_BTNH.dtype), final
+    return _finish(y, siso, x_BTNH.dtype), final, theta_BTNA, K_BTRNZ
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode-state rings (module docstring; layout and rollback rules in lmx.models.state)
+
+
+def current_state(rings, lengths_B) -> Mamba3State:
+    """The state after position lengths-1 of each row (zeros for an empty row)."""
+    Bn, Q = rings[0].shape[:2]
+    slot_B = (lengths_B - 1) % Q
+
+    def pick(ring):
+        v = ring[jnp.arange(Bn), slot_B]
+        return jnp.where(_rows(lengths_B > 0, v), v, 0.0)
+
+    return Mamba3State(*map(pick, rings))
+
+
+def write_rings(rings, pos_B, state: Mamba3State, live_B=None):
+    """Write each row's state into slot pos % Q (a one-hot select, like ssm.ring_write); rows where live_B is
+    False keep their rings."""
+    Q = rings[0].shape[1]
+    hit_BQ = jnp.arange(Q) == (pos_B % Q)[:, None]
+    if live_B is not None:
+        hit_BQ &= live_B[:, None]
+    values = (state.ssm_BNHZ, state.angle_BNA, state.B_prev_BRNZ, state.x_prev_BNH)
+    return tuple(jnp.where(hit_BQ.reshape(hit_BQ.shape + (1,) * (r.ndim - 2)), v.astype(r.dtype)[:, None], r)
+                 for r, v in zip(rings, values, strict=True))
+
+
+def commit(rings, pending, start_B, valid_B):
+    """Fold the first valid_B[b] tokens of a multi-token call that started at length start_B into the rings.
+
+    pending = (x_BTNH, dt_BTN, A_BTN, lam_BTN, angle_BTNA, K_BTRNZ, x_proj_BNRH or None): the call's per-token
+    SSM inputs, with the angles and rotated B it computed (so no rotation happens here). Tokens past valid_B are
+    dropped, so right padding never reaches the state. The rings get the states after the last Q valid
+    positions: the tokens before those are folded in one weighted sum, then Q trapezoid steps write the rest."""
+    x_BTNH, dt_BTN, A_BTN, lam_BTN, angle_BTNA, K_BTRNZ, x_proj_BNRH = pending
+    Bn, T, N, H = x_BTNH.shape
+    R, Q = K_BTRNZ.shape[2], rings[0].shape[1]
+    xp_BRNH = jnp.ones((Bn, R, N, H), jnp.float32) if x_proj_BNRH is None else jnp.swapaxes(x_proj_BNRH, 1, 2)
+    X_BTRNH = x_BTNH[:, :, None] * xp_BRNH[:, None]
+    start = current_state(rings, start_B)
+
+    # Fold tokens [0, fold) in the shifted form (module docstring) with β̃_fold := 0, which gives the true
+    # h_{fold−1} = e^{Σ_t ΔA_t} h̃_{−1} + Σ_t e^{Σ_{j>t} ΔA_j} s_t P_t (sums over the folded tokens only).
+    fold_B = jnp.maximum(valid_B - Q, 0)
+    in_BT = jnp.arange(T) < fold_B[:, None]
+    masked = lambda a: jnp.where(in_BT[..., None], a, 0.0)
+    dtA_BTN, bt_BTN = masked(dt_BTN * A_BTN), masked((1.0 - lam_BTN) * dt_BTN)
+    next_ = lambda a: jnp.pad(a[:, 1:], ((0, 0), (0, 1), (0, 0)))  # a_{t+1}, 0 after the last token
+    s_BTN = masked(lam_BTN * dt_BTN) + next_(bt_BTN)
+    after_BTN = jnp.flip(jnp.cumsum(jnp.flip(next_(dtA_BTN), 1), axis=1), 1)  # Σ_{j>t} ΔA_j
+    P_prev = jnp.einsum("BRNH,BRNZ->BNHZ", start.x_prev_BNH[:, None] * xp_BRNH, start.B_prev_BRNZ)
+    h_BNHZ = (jnp.exp(dtA_BTN.sum(1))[..., None, None] * (start.ssm_BNHZ + bt_BTN[:, 0, :, None, None] * P_prev)
+              + jnp.einsum("BTN,BTRNH,BTRNZ->BNHZ", jnp.exp(after_BTN) * s_BTN, X_BTRNH, K_BTRNZ))
+
+    at = lambda a, t_B: a[jnp.arange(Bn), jnp.clip(t_B, 0, T - 1)]
+    folded = lambda a, b: jnp.where(_rows(fold_B > 0, a), a, b)  # the last folded token's, else the start's
+    last_B = fold_B - 1
+    state = Mamba3State(h_BNHZ, folded(at(angle_BTNA, last_B), start.angle_BNA),
+                        folded(at(K_BTRNZ, last_B), start.B_prev_BRNZ), folded(at(x_BTNH, last_B), start.x_prev_BNH))
+
+    def step(carry, k):
+        state, rings = carry
+        t_B = valid_B - Q + k  # token index within the call; < 0: this row has fewer than Q valid tokens
+        live_B = t_B >= 0
+        h = _advance(state.ssm_BNHZ, state.x_prev_BNH[:, None] * xp_BRNH, state.B_prev_BRNZ, at(X_BTRNH, t_B),
+                     at(K_BTRNZ, t_B), at(dt_BTN, t_B), at(A_BTN, t_B), at(lam_BTN, t_B))
+        new = Mamba3State(h, at(angle_BTNA, t_B), at(K_BTRNZ, t_B), at(x_BTNH, t_B))
+        state = jax.tree.map(lambda n, o: jnp.where(_rows(live_B, n), n, o), new, state)
+        return (state, write_rings(rings, start_B + t_B, new, live_B)), None
+
+    (_, rings), _ = jax.lax.scan(step, (state, tuple(rings)), jnp.arange(Q))
+    return rings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,8 +519,9 @@ class Mamba3Mixer(nn.Module):
     MIMO (mimo_rank > 1) adds W_x, W_z, W_o [N, R, H]: X[r] = x ⊙ W_x[r], the output of rank r is
     RMSNorm_H(y[r]) ⊙ silu(z ⊙ W_z[r]), and the ranks are summed with weights W_o[r].
 
-    ``__call__(x_BTD, state=None) -> (y_BTD, Mamba3State)``: the chunked form for any T (prefill/training,
-    starting from `state` or zeros), the O(1) step when a state is given and T == 1.
+    ``__call__(x_BTD, state=None, segment_ids_BT=None) -> (y_BTD, Mamba3State)``: the chunked form for any T
+    (prefill/training, starting from `state` or zeros; packed segments reset the state), the O(1) step when a
+    state is given and T == 1. In an LM (`ssm.variant="mamba3"`), `with_rings` applies it to decode-state rings.
     """
 
     d_model: int
@@ -414,9 +540,32 @@ class Mamba3Mixer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
+    @classmethod
+    def from_config(cls, cfg, **kw) -> Mamba3Mixer:
+        """The mixer of a ModelConfig's SSM layers (cfg.ssm.variant == "mamba3")."""
+        s = cfg.ssm
+        return cls(d_model=cfg.d_model, num_heads=s.num_heads, head_dim=s.head_dim, state_size=s.state_size,
+                   mimo_rank=s.mimo_rank, rope_fraction=s.rope_fraction, chunk_size=s.chunk_size, rope=s.rope,
+                   dt_min=s.dt_min, dt_max=s.dt_max, dt_init_floor=s.dt_floor, A_floor=s.A_floor,
+                   norm_eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), **kw)
+
     @property
     def num_angles(self) -> int:
         return int(self.state_size * self.rope_fraction) // 2
+
+    def with_rings(self, x_BTD, rings, lengths_B, segment_ids_BT=None):
+        """The LM's cache contract (as Mamba2Mixer's): rings None (teacher-forced) -> (y_BTD, None); rings at
+        lengths_B and one token -> (y_BTD, the rings with the new state written at lengths_B); more tokens ->
+        (y_BTD, the call's pending record), which `commit` folds into the rings once the valid lengths are
+        known (after `truncate`, or at the next call)."""
+        if rings is None:
+            return self(x_BTD, segment_ids_BT=segment_ids_BT)[0], None
+        state = current_state(rings, lengths_B)
+        if x_BTD.shape[1] == 1:
+            y_BTD, new_state = self(x_BTD, state)
+            return y_BTD, write_rings(rings, lengths_B, new_state)
+        y_BTD, _, pending = self(x_BTD, state, return_pending=True)
+        return y_BTD, pending
 
     def _check(self):
         for name in ("d_model", "num_heads", "head_dim", "state_size", "mimo_rank", "chunk_size"):
@@ -429,7 +578,8 @@ class Mamba3Mixer(nn.Module):
                              f"least one rotary angle for state_size={self.state_size}")
 
     @nn.compact
-    def __call__(self, x_BTD, state: Mamba3State | None = None):
+    def __call__(self, x_BTD, state: Mamba3State | None = None, segment_ids_BT=None, *, return_pending=False):
+        """-> (y_BTD, final Mamba3State), plus the pending record of `commit` with return_pending (chunked)."""
         self._check()
         D, N, H, Z, R, A = self.d_model, self.num_heads, self.head_dim, self.state_size, self.mimo_rank, self.num_angles
         if x_BTD.ndim != 3 or x_BTD.shape[-1] != D:
@@ -472,11 +622,12 @@ class Mamba3Mixer(nn.Module):
 
         args = (x_BTNH, dt_BTN, A_BTN, bc["B"], bc["C"], lam_BTN, omega_BTNA)
         kw = dict(x_proj_NRH=x_proj_NRH, D_N=D_N, rope=rope)
-        if state is not None and x.shape[1] == 1:
+        if state is not None and x.shape[1] == 1 and not return_pending:
             y_BRNH, new_state = mamba3_step(state, *(a[:, 0] for a in args), **kw)
             y_BTRNH = y_BRNH[:, None]
         else:
-            y_BTRNH, new_state = mamba3_chunked(*args, chunk_size=self.chunk_size, state=state, **kw)
+            y_BTRNH, new_state, theta_BTNA, K_BTRNZ = _chunked(*args, chunk_size=self.chunk_size, state=state,
+                                                               segment_ids_BT=segment_ids_BT, **kw)
 
         # Gated RMSNorm per head (norm before gate), then the MIMO down-projection over ranks.
         norm_NH = self.param("out_norm", ones(("heads", "head_dim")), (N, H), pd).astype(f32)
@@ -490,4 +641,9 @@ class Mamba3Mixer(nn.Module):
             y_BTNH = y[:, :, 0]
         w_out = self.param("out", dense_init(N * H, ("heads", "head_dim", "embed")), (N, H, D), pd)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", y_BTNH.astype(dt_), w_out.astype(dt_))
-        return y_BTD, new_state
+        if not return_pending:
+            return y_BTD, new_state
+        # x_proj is a parameter, but `commit` runs outside the model: the record carries it, once per row.
+        x_proj_BNRH = None if R == 1 else jnp.broadcast_to(x_proj_NRH, (x.shape[0], N, R, H))
+        pending = (x_BTNH.astype(f32), dt_BTN, A_BTN, lam_BTN, theta_BTNA, K_BTRNZ, x_proj_BNRH)
+        return y_BTD, new_state, pending

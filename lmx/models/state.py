@@ -27,6 +27,19 @@ row's state — or, all of them, at the start of the next model call. Until then
 pending arrays (its structure differs from a committed state's), so a loop that carries state across a
 multi-token call should `truncate` after it, as `generate` and speculative decoding do.
 
+Mamba-3 SSM layers (`ssm.variant="mamba3"`, lmx.models.mamba3) have no conv, but a step needs more than h: the
+rotary angles θ and the previous token's rotated B and x (the trapezoid's P_{t-1} term). `Mamba3Cache` keeps
+rings of the last Q = R_w + 1 per-position states, each field of `Mamba3State`, position p in slot p % Q
+(extra letters: A rotary angles = SSMConfig.num_angles, R MIMO rank = SSMConfig.mimo_rank):
+`ssm_LBQNHZ` (h), `angle_LBQNA` (θ mod 2π), `K_LBQRNZ` (rotated B), `x_LBQNH` (x before the MIMO projection),
+all float32. Rollback, `floor_B` and the pending record work exactly as for Mamba-2 (Q slots: rolling back
+j <= R_w steps moves only `lengths_B`). Memory per layer and row, in bytes: (R_w + 1)·(N·H·Z + N·A + R·N·Z +
+N·H)·4; e.g. d_model 768 with N=24, H=64, Z=128, A=32, R=1 and R_w=4: 5·201984·4 ≈ 4.0 MB (R_w = 0: 0.8 MB).
+Its pending record (`Mamba3Pending`) holds each token's x, Δ, A, λ, θ and rotated B as the call computed them,
+T·(N·H + 3·N + N·A + R·N·Z)·4 bytes per layer and row, plus the MIMO x-projection (N·R·H·4; a parameter, kept
+per row so that `select`/`repeat` see a batch axis; absent for R = 1); `truncate` or the next call commits it
+with `lmx.models.mamba3.commit` (right padding never reaches the state).
+
 `truncate` below `floor_B` (more than R_w steps before the last commit) raises a ValueError when the
 lengths are concrete; under `jit` it cannot check, and the restored SSM state is undefined.
 
@@ -36,12 +49,14 @@ Every decoding algorithm touches state only through `init_state`, `select`, `rep
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmx.models import mamba3
 from lmx.models.config import ModelConfig
 from lmx.models.ssm import commit
 
@@ -68,21 +83,64 @@ class SSMPending:
 
 @flax.struct.dataclass
 class SSMCache:
+    """Mamba-2 layers' rings. Like Mamba3Cache: the rings come first (a one-token call returns them in this
+    order), then floor_B and the pending record of the last multi-token call."""
+
     conv_LBWY: jax.Array  # ring of conv inputs
     ssm_LBQNHZ: jax.Array  # ring of states (f32)
     floor_B: jax.Array  # int32: shortest length `truncate` can restore
     pending: SSMPending | None = None
+    pending_class: ClassVar[type] = SSMPending
 
     @property
     def rollback_window(self) -> int:
         return self.ssm_LBQNHZ.shape[2] - 1
+
+    @property
+    def rings(self) -> tuple[jax.Array, ...]:
+        return self.conv_LBWY, self.ssm_LBQNHZ
+
+
+@flax.struct.dataclass
+class Mamba3Pending:
+    """The not-yet-committed tokens of the last multi-token call of Mamba-3 layers (all f32)."""
+
+    start_B: jax.Array  # int32: each row's length when the call started
+    x_LBTNH: jax.Array
+    dt_LBTN: jax.Array  # Δ
+    A_LBTN: jax.Array
+    lam_LBTN: jax.Array  # λ, the trapezoid's mixing weight
+    angle_LBTNA: jax.Array  # θ mod 2π
+    K_LBTRNZ: jax.Array  # rotated B
+    x_proj_LBNRH: jax.Array | None = None  # the MIMO x-projection (a parameter) repeated per row; None for R = 1
+
+
+@flax.struct.dataclass
+class Mamba3Cache:
+    """Mamba-3 layers' rings of the last Q per-position states (the fields of mamba3.Mamba3State), f32."""
+
+    ssm_LBQNHZ: jax.Array  # h
+    angle_LBQNA: jax.Array  # θ (mod 2π)
+    K_LBQRNZ: jax.Array  # the position's rotated B: the next token's P_{t-1} = Σ_r x[r] K[r]ᵀ
+    x_LBQNH: jax.Array  # the position's x (before the MIMO projection)
+    floor_B: jax.Array  # int32: shortest length `truncate` can restore
+    pending: Mamba3Pending | None = None
+    pending_class: ClassVar[type] = Mamba3Pending
+
+    @property
+    def rollback_window(self) -> int:
+        return self.ssm_LBQNHZ.shape[2] - 1
+
+    @property
+    def rings(self) -> tuple[jax.Array, ...]:
+        return self.ssm_LBQNHZ, self.angle_LBQNA, self.K_LBQRNZ, self.x_LBQNH
 
 
 @flax.struct.dataclass
 class DecodeState:
     lengths_B: jax.Array  # int32: number of valid positions per row
     kv: KVCache | None = None  # attention layers, stacked in layer_pattern order
-    ssm: SSMCache | None = None  # SSM layers, stacked in layer_pattern order
+    ssm: SSMCache | Mamba3Cache | None = None  # SSM layers (by ssm.variant), stacked in layer_pattern order
 
     @property
     def batch_size(self) -> int:
@@ -95,7 +153,7 @@ class DecodeState:
 
 def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DecodeState:
     """Empty state for `batch` rows and KV caches of `max_len` positions. `dtype` (default cfg.dtype) is that
-    of the KV caches and conv rings; SSM states are always float32."""
+    of the KV caches and conv rings; SSM states (all Mamba-3 rings) are always float32."""
     if max_len <= 0 or batch <= 0:
         raise ValueError(f"init_state needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
     dtype = jnp.dtype(dtype or cfg.dtype)
@@ -105,7 +163,13 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Decode
         K, H, L = a.num_kv_heads, a.head_dim, cfg.num_attn_layers
         kv = KVCache(tuple(jnp.zeros((batch, K, H, max_len), dtype) for _ in range(L)),
                      tuple(jnp.zeros((batch, K, max_len, H), dtype) for _ in range(L)))
-    if cfg.num_ssm_layers:
+    if cfg.num_ssm_layers and cfg.ssm.variant == "mamba3":
+        s, L, Q = cfg.ssm, cfg.num_ssm_layers, cfg.ssm.rollback_window + 1
+        ring = lambda *shape: jnp.zeros((L, batch, Q, *shape), jnp.float32)
+        N, H, Z = s.num_heads, s.head_dim, s.state_size
+        ssm = Mamba3Cache(ring(N, H, Z), ring(N, s.num_angles), ring(s.mimo_rank, N, Z), ring(N, H),
+                          floor_B=jnp.zeros((batch,), jnp.int32))
+    elif cfg.num_ssm_layers:
         s, L = cfg.ssm, cfg.num_ssm_layers
         ssm = SSMCache(
             conv_LBWY=jnp.zeros((L, batch, s.conv_width - 1 + s.rollback_window, s.conv_dim), dtype),
@@ -116,17 +180,21 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Decode
     return DecodeState(lengths_B=jnp.zeros((batch,), jnp.int32), kv=kv, ssm=ssm)
 
 
-def commit_pending(ssm: SSMCache, lengths_B) -> SSMCache:
+def commit_pending(ssm: SSMCache | Mamba3Cache, lengths_B) -> SSMCache | Mamba3Cache:
     """Fold the pending steps of the last multi-token call into the rings, up to each row's `lengths_B`."""
     p = ssm.pending
     if p is None:
         return ssm
-    valid_B = jnp.clip(lengths_B - p.start_B, 0, p.dtA_LBTN.shape[2])
-    pending = (p.dtx_LBTNH, p.dtA_LBTN, p.B_LBTGZ, p.xbc_LBTY)
-    conv, states = jax.vmap(commit, in_axes=(0, 0, 0, None, None))(ssm.conv_LBWY, ssm.ssm_LBQNHZ, pending,
-                                                                    p.start_B, valid_B)
+    if isinstance(ssm, Mamba3Cache):
+        valid_B = jnp.clip(lengths_B - p.start_B, 0, p.dt_LBTN.shape[2])
+        pending = (p.x_LBTNH, p.dt_LBTN, p.A_LBTN, p.lam_LBTN, p.angle_LBTNA, p.K_LBTRNZ, p.x_proj_LBNRH)
+        rings = jax.vmap(mamba3.commit, in_axes=(0, 0, None, None))(ssm.rings, pending, p.start_B, valid_B)
+    else:
+        valid_B = jnp.clip(lengths_B - p.start_B, 0, p.dtA_LBTN.shape[2])
+        pending = (p.dtx_LBTNH, p.dtA_LBTN, p.B_LBTGZ, p.xbc_LBTY)
+        rings = jax.vmap(commit, in_axes=(0, 0, 0, None, None))(*ssm.rings, pending, p.start_B, valid_B)
     floor_B = jnp.maximum(ssm.floor_B, p.start_B + valid_B - ssm.rollback_window)
-    return SSMCache(conv, states, floor_B)
+    return type(ssm)(*rings, floor_B)
 
 
 def _map_rows(obj, fn):

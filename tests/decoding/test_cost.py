@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -6,9 +8,20 @@ import lmx.models as lm
 from lmx.decoding import cost
 
 
-@pytest.mark.parametrize("name", lm.preset_names())
+def _config(name):
+    """A preset, or one of two Mamba-3 configs beyond the presets: MIMO rank 2 with every state channel rotating
+    (the "halves" layout), and the hybrid pattern with Mamba-3 SSM layers."""
+    if name == "mamba3-mimo":
+        base = lm.preset("mamba3-tiny")
+        return base.replace(ssm=dataclasses.replace(base.ssm, mimo_rank=2, rope_fraction=1.0))
+    if name == "hybrid-mamba3":
+        return lm.preset("hybrid-tiny", ssm=lm.SSMConfig(variant="mamba3", num_heads=8, head_dim=16, state_size=16))
+    return lm.preset(name)
+
+
+@pytest.mark.parametrize("name", lm.preset_names() + ["mamba3-mimo", "hybrid-mamba3"])
 def test_param_count_and_kv_bytes_match_the_model(name):
-    cfg = lm.preset(name)
+    cfg = _config(name)
     shapes = jax.eval_shape(lambda: lm.init_params(lm.build(cfg), jax.random.PRNGKey(0)))
     assert cost.param_count(cfg) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     state = jax.eval_shape(lambda: lm.init_state(cfg, 2, 8))

@@ -1,6 +1,7 @@
-"""Mamba-2 and attention/SSM hybrid LMs: cached decode == teacher-forced forward (chunked calls, right-padded
-prefill + truncate, rollback), generate, packed segments, layer-pattern scanning."""
+"""Mamba-2, Mamba-3 and attention/SSM hybrid LMs: cached decode == teacher-forced forward (chunked calls,
+right-padded prefill + truncate, rollback), generate, packed segments, layer-pattern scanning."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,9 +10,25 @@ import numpy as np
 import pytest
 
 from lmx.decoding import generate
-from lmx.models import ModelConfig, SSMConfig, build, init_params, init_state, preset, truncate
+from lmx.models import Mamba3Cache, ModelConfig, SSMConfig, build, init_params, init_state, preset, truncate
 
-NAMES = ["mamba2-tiny", "hybrid-tiny"]
+
+def _mamba3(cfg, **kw):
+    """cfg with Mamba-3 SSM layers of the same shape (chunk 4: the sequences below span several chunks)."""
+    s = cfg.ssm
+    return cfg.replace(ssm=SSMConfig(variant="mamba3", num_heads=s.num_heads, head_dim=s.head_dim,
+                                     state_size=s.state_size, chunk_size=4, **kw))
+
+
+CONFIGS = {
+    "mamba2-tiny": preset("mamba2-tiny"),
+    "hybrid-tiny": preset("hybrid-tiny"),
+    "mamba3-tiny": preset("mamba3-tiny"),
+    "mamba3-mimo": dataclasses.replace(preset("mamba3-tiny"), ssm=dataclasses.replace(preset("mamba3-tiny").ssm,
+                                                                                      mimo_rank=2)),
+    "hybrid-mamba3": _mamba3(preset("hybrid-tiny", num_layers=4)),  # ("ssm", "ssm", "ssm", "attn"), Mamba-3
+}
+NAMES = list(CONFIGS)
 LENS = [5, 9, 3]  # prompt lengths; each row then decodes NEW tokens of its own
 NEW, TOTAL = 4, 13
 ATOL = 2e-5
@@ -22,15 +39,19 @@ jit_truncate = jax.jit(truncate)
 def _model(name):
     """(cfg, model, params, jitted apply): seeded normals in the exact structure init_params builds (cheaper
     to make than compiling the initialisers). Δ ≈ softplus(-2) keeps the SSM state's memory long."""
-    cfg = preset(name)
+    cfg = CONFIGS[name]
     model = build(cfg)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
 
     def fill(path, leaf):
         key, noise = jax.tree_util.keystr(path), rng.standard_normal(leaf.shape).astype(leaf.dtype)
-        if "scale" in key:
+        # Norm scales (Mamba-3's B_norm, C_norm, out_norm are not "scale") and the D skip near their init of 1:
+        # with D ~ 0 Mamba-3's per-head output norm (over H = 16) would rescale tiny, rounding-dominated outputs.
+        if "scale" in key or "norm" in key or key.endswith("['D']"):
             return 1 + 0.1 * noise
+        if "mimo" in key:  # Mamba-3 MIMO rank weights, init 1/R or 1
+            return 0.5 + 0.3 * noise
         if "dt_bias" in key:
             return -2 + 0.5 * noise
         if "bias" in key or "A_log" in key:
@@ -51,9 +72,10 @@ def test_cached_decode_equals_teacher_forced(name):
     tokens_BT = _tokens(1)
     full_BTV = apply(p, tokens_BT).logits_BTV
 
-    # Chunked calls: 9 tokens (left pending), 3 (commits those, starts at length 9, left pending), 1 (commits).
+    # Chunked calls: 4 tokens (left pending), 8 (commits those, starts at length 4, left pending), 1 (commits
+    # the 8: more than rollback_window + 1, so the commit folds some of them onto a nonzero state).
     state, logits = init_state(cfg, 3, 16), []
-    for a, b in [(0, 9), (9, 12), (12, 13)]:
+    for a, b in [(0, 4), (4, 12), (12, 13)]:
         out = apply(p, tokens_BT[:, a:b], state=state)
         state = out.state
         logits.append(out.logits_BTV)
@@ -90,8 +112,9 @@ def test_cached_decode_equals_teacher_forced(name):
             np.testing.assert_allclose(out.logits_BTV[b, 0], other_BTV[b, k + i], atol=ATOL)
 
 
-def test_generate_hybrid_matches_teacher_forced_greedy():
-    cfg, model, params, apply = _model("hybrid-tiny")
+@pytest.mark.parametrize("name", ["hybrid-tiny", "mamba3-tiny"])
+def test_generate_matches_teacher_forced_greedy(name):
+    cfg, model, params, apply = _model(name)
     prompts = [[5, 9, 17, 3, 8, 1, 2], [42, 7, 7], [1, 2, 3, 4, 5]]
     g = generate(model, params, prompts, max_new_tokens=6, num_samples=2)  # prefill, truncate, repeat, decode
     seqs_BT = np.zeros((3, TOTAL), np.int32)
@@ -104,10 +127,12 @@ def test_generate_hybrid_matches_teacher_forced_greedy():
         seqs_BT[np.arange(3), last_B + 1] = tok_B
 
 
-def test_packed_segments_match_separate_rows_and_grads_flow():
-    """Row 0 packs a (7 tokens) and b (5); rows 1 and 2 hold a and b alone. SSM state and conv inputs must not
-    leak across the boundary (nor attention attend across it); the SFT loss has finite, nonzero grads."""
-    cfg, model, params, apply = _model("hybrid-tiny")
+@pytest.mark.parametrize("name", ["hybrid-tiny", "hybrid-mamba3"])
+def test_packed_segments_match_separate_rows_and_grads_flow(name):
+    """Row 0 packs a (7 tokens) and b (5); rows 1 and 2 hold a and b alone. SSM state and conv inputs (Mamba-3:
+    the previous token's term) must not leak across the boundary (nor attention attend across it); the SFT loss
+    has finite, nonzero grads."""
+    cfg, model, params, apply = _model(name)
     a, b = _tokens(3, (7,)), _tokens(4, (5,))
     tokens_BT = jnp.zeros((3, TOTAL), jnp.int32).at[0, :12].set(jnp.concatenate([a, b])).at[1, :7].set(a)
     tokens_BT = tokens_BT.at[2, :5].set(b)
@@ -141,3 +166,12 @@ def test_layer_patterns_scan_their_repeating_unit():
     state = init_state(preset("hybrid-tiny"), 2, 10)
     assert len(state.kv.k_BKHS) == 2 and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
     assert state.ssm.ssm_LBQNHZ.shape == (6, 2, 5, 8, 16, 16)
+    # Mamba-3: the variant picks the mixer (no conv; MIMO rank 2 widens B); its state is a Mamba3Cache.
+    mimo = shapes(CONFIGS["mamba3-mimo"])["layers"]["mixer"]
+    assert "conv" not in mimo and mimo["in_B"].shape == (2, 64, 2, 16) and mimo["mimo_x"].shape == (2, 8, 2, 16)
+    assert sorted(shapes(CONFIGS["hybrid-mamba3"])["layers"]["ssm_1"]["mixer"]) == sorted(
+        shapes(preset("mamba3-tiny"))["layers"]["mixer"])
+    state = init_state(CONFIGS["hybrid-mamba3"], 2, 10)
+    assert isinstance(state.ssm, Mamba3Cache) and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
+    assert [a.shape for a in state.ssm.rings] == [(3, 2, 5, 8, 16, 16), (3, 2, 5, 8, 4), (3, 2, 5, 1, 8, 16),
+                                                  (3, 2, 5, 8, 16)]

@@ -223,3 +223,137 @@ def test_mixer_params_and_errors():
         jax.eval_shape(siso.apply, {"params": abstract}, x_BTD[..., :8])
     with pytest.raises(ValueError, match="state_size=7"):
         jax.eval_shape(Mamba3Mixer(16, 2, 8, state_size=7).init, jax.random.PRNGKey(0), x_BTD)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed segments, the decode-state commit, and Mamba-3 as an LM layer's config and state
+
+
+@pytest.mark.parametrize("rank", [None, 3], ids=["siso", "mimo"])
+def test_segment_start_resets_state_and_previous_token_term(rank):
+    """Row 0 packs a (6 tokens, after a random initial state) and b (7 tokens); row 1 runs b alone from zeros.
+    b's outputs agree in every form, so neither h nor the trapezoid's P_{t−1} term crosses the boundary."""
+    args, kw = make_inputs(8, rank)
+    for a in args.values():
+        a[1, :7] = a[0, 6:]
+    state = jax.tree.map(lambda a: a.at[1].set(0.0), random_state(9, rank or 1))
+    seg = np.array([[3] * 6 + [1] * 7, [1] * 7 + [2] * 6], np.int32)
+    y_ref, _ = naive(*args.values(), state=state, segment_ids_BT=seg, **kw)
+    y_unpacked, _ = naive(*args.values(), state=state, **kw)
+    assert np.abs(y_unpacked[0, 6:] - y_ref[0, 6:]).max() > 1e-2  # the reset changes b's outputs
+    np.testing.assert_allclose(y_ref[0, 6:], y_ref[1, :7], **TOL)
+    np.testing.assert_allclose(y_ref[0, :6], y_unpacked[0, :6], **TOL)  # a still starts from the state
+    for chunk_size in (4, 5):  # the boundary inside a chunk (6 % 4) and on one (6 % 5 ... 5 + 1)
+        y, _ = chunked(*args.values(), chunk_size=chunk_size, state=state, segment_ids_BT=seg, **kw)
+        np.testing.assert_allclose(y, y_ref, **TOL)
+
+
+def test_commit_writes_the_states_of_the_last_valid_positions():
+    """commit folds the first `valid` tokens of a call into rings of Q slots: they then hold the states after the
+    last Q valid positions (what the step loop computes from the state at `start`). Tokens past `valid`
+    (padding) are ignored; slots before `start` stay as they were."""
+    from lmx.models.mamba3 import commit, current_state
+
+    Q, rank = 3, 2
+    args, kw = make_inputs(10, rank)
+    start, valid = np.array([5, 0]), np.array([11, 2])  # row 0 folds 8 tokens onto a state; row 1 < Q tokens
+    init = random_state(11, rank)
+    init = jax.tree.map(lambda a: a.at[1].set(0.0), init)  # row 1 is empty: its current state is zeros
+    fields = lambda s: (s.ssm_BNHZ, s.angle_BNA, s.B_prev_BRNZ, s.x_prev_BNH)
+    rng = np.random.default_rng(12)
+    rings = [rng.standard_normal((BATCH, Q) + a.shape[1:]).astype(np.float32) for a in fields(init)]
+    for ring, a in zip(rings, fields(init), strict=True):
+        ring[0, (start[0] - 1) % Q] = a[0]  # row 0's state at length 5 sits in slot 4 % Q
+    states = []
+    state = init
+    for t in range(T):  # per-position states, angles and rotated B from the step loop
+        _, state = step(state, *(a[:, t] for a in args.values()), **kw)
+        states.append(state)
+    pending = (args["x_BTNH"], args["dt_BTN"], args["A_BTN"], args["lam_BTN"],
+               jnp.stack([s.angle_BNA for s in states], 1), jnp.stack([s.B_prev_BRNZ for s in states], 1),
+               jnp.broadcast_to(kw["x_proj_NRH"], (BATCH, N, rank, H)))
+    out = jax.jit(commit)(tuple(map(jnp.asarray, rings)), pending, jnp.asarray(start), jnp.asarray(valid))
+    for b in range(BATCH):
+        end = start[b] + valid[b]
+        for p in range(end - Q, end):
+            got = [ring[b, p % Q] for ring in out]
+            if p < start[b]:  # not written: the ring slot (row 1 position -1) is as it was
+                for g, ring in zip(got, rings, strict=True):
+                    np.testing.assert_array_equal(g, ring[b, p % Q])
+                continue
+            want = fields(states[p - start[b]])
+            for name, g, w in zip(("ssm", "angle", "K", "x"), got, want, strict=True):
+                w = np.asarray(w[b])
+                if name == "angle":
+                    g, w = np.exp(1j * np.asarray(g, np.float64)), np.exp(1j * w.astype(np.float64))
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"row {b} position {p} {name}")
+    now = current_state(out, jnp.asarray(start + valid))
+    np.testing.assert_allclose(now.ssm_BNHZ[0], states[valid[0] - 1].ssm_BNHZ[0], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_state_helpers_on_mamba3_cache():
+    import dataclasses
+
+    from lmx.models import Mamba3Cache, Mamba3Pending, init_state, preset, repeat, select, truncate
+
+    base = preset("mamba3-tiny")
+    cfg = base.replace(ssm=dataclasses.replace(base.ssm, mimo_rank=2))
+    s = cfg.ssm
+    state = init_state(cfg, 3, 8)
+    assert isinstance(state.ssm, Mamba3Cache) and state.kv is None and state.ssm.rollback_window == 4
+    assert [a.shape for a in state.ssm.rings] == [(2, 3, 5, 8, 16, 16), (2, 3, 5, 8, s.num_angles),
+                                                  (2, 3, 5, 2, 8, 16), (2, 3, 5, 8, 16)]
+    # Distinct rows, with a pending record (MIMO: it carries the x-projection per row), gathered and repeated.
+    r = np.random.default_rng(0)
+    fill = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
+    pending = Mamba3Pending(jnp.asarray([1, 2, 3]), fill(2, 3, 5, 8, 16), fill(2, 3, 5, 8), fill(2, 3, 5, 8),
+                            fill(2, 3, 5, 8), fill(2, 3, 5, 8, 4), fill(2, 3, 5, 2, 8, 16), fill(2, 3, 8, 2, 16))
+    rings = [fill(*a.shape) for a in state.ssm.rings]
+    state = state.replace(lengths_B=jnp.asarray([6, 7, 8]),
+                          ssm=Mamba3Cache(*rings, floor_B=jnp.asarray([0, 0, 0]), pending=pending))
+    picked = select(state, [2, 0, 0])
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(picked), strict=True):
+        np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=0 if a.ndim == 1 else 1))
+    twice = repeat(state, 2)
+    np.testing.assert_array_equal(twice.ssm.pending.x_proj_LBNRH[:, 3], state.ssm.pending.x_proj_LBNRH[:, 1])
+    np.testing.assert_array_equal(twice.ssm.K_LBQRNZ[:, 5], state.ssm.K_LBQRNZ[:, 2])
+
+    committed = state.replace(ssm=state.ssm.replace(pending=None, floor_B=jnp.asarray([4, 5, 6])))
+    assert truncate(committed, [4, 6, 8]).lengths_B.tolist() == [4, 6, 8]
+    with pytest.raises(ValueError, match=r"rows \[1\] roll back to lengths \[4\].*>= \[5\].*rollback_window=4"):
+        truncate(committed, [4, 4, 8])
+    # truncate commits the pending call (starts 1, 2, 3; rows keep 2, 5 and 0 of its 5 tokens), and the floor
+    # becomes length - rollback_window where that is higher: row 1 can no longer go below length 3.
+    after = truncate(state, [3, 7, 3])
+    assert after.ssm.pending is None and after.ssm.floor_B.tolist() == [0, 3, 0]
+    with pytest.raises(ValueError, match=r"rows \[1\] roll back to lengths \[2\]"):
+        truncate(after, [3, 2, 3])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(variant="mamba3", n_groups=2), r"ssm.n_groups=2 is a mamba2 option \(no effect with variant='mamba3'\)"),
+    (dict(variant="mamba3", conv_width=3), r"ssm.conv_width=3 is a mamba2 option"),
+    (dict(variant="mamba3", dt_limit=(0.0, 1.0)), r"ssm.dt_limit=\(0.0, 1.0\) is a mamba2 option"),
+    (dict(mimo_rank=2), r"ssm.mimo_rank=2 is a mamba3 option \(no effect with variant='mamba2'\); leave it at 1"),
+    (dict(rope="halves"), r"ssm.rope='halves' is a mamba3 option"),
+    (dict(variant="mamba3", mimo_rank=0), r"ssm.mimo_rank=0 must be >= 1"),
+    (dict(variant="mamba3", state_size=15), r"ssm.state_size=15 must be even for mamba3"),
+    (dict(variant="mamba3", rope_fraction=0.0), r"ssm.rope_fraction=0.0 must be in \(0, 1\]"),
+    (dict(variant="mamba3", rope_fraction=0.1), r"ssm.rope_fraction=0.1 .* at least one rotary angle"),
+    (dict(variant="mamba3", rope="complex"), r"ssm.rope='complex' must be one of \(None, 'interleaved', 'halves'\)"),
+    (dict(variant="mamba3", A_floor=-1e-3), r"ssm.A_floor=-0.001 must be >= 0"),
+    (dict(variant="mamba3", impl="pallas"), r"ssm.impl='pallas': there is no Mamba-3 kernel"),
+])
+def test_invalid_mamba3_config(kwargs, match):
+    from lmx.models import SSMConfig
+
+    with pytest.raises(ValueError, match=match):
+        SSMConfig(**kwargs)
+
+
+def test_mamba3_inner_width_is_checked():
+    from lmx.models import ModelConfig, SSMConfig
+
+    with pytest.raises(ValueError, match=r"ssm.num_heads \* ssm.head_dim = 8 \* 16 = 128 must equal the inner width"):
+        ModelConfig(d_model=32, num_layers=1, layer_pattern=("ssm",),
+                    ssm=SSMConfig(variant="mamba3", num_heads=8, head_dim=16))

@@ -149,7 +149,7 @@ def test_select_repeat_and_truncate_limits_on_ssm_state():
     (dict(conv_width=1), r"ssm.conv_width=1 must be >= 2"),
     (dict(rollback_window=-1), r"ssm.rollback_window=-1"),
     (dict(dt_limit=(0.5, 0.1)), r"ssm.dt_limit=\(0.5, 0.1\)"),
-    (dict(variant="s4"), r"ssm.variant='s4' must be one of \('mamba2',\)"),
+    (dict(variant="s4"), r"ssm.variant='s4' must be one of \('mamba2', 'mamba3'\)"),
 ])
 def test_invalid_ssm_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
