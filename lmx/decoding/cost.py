@@ -9,6 +9,9 @@ Formulas (forward pass only, one multiply-add = 2 FLOPs):
   their projections (in matmul_params); the scan itself, O(N·H·Z) per token (O(R·N·H·Z) for Mamba-3 MIMO), is
   not counted.
 - KV-cache bytes per token = 2 (k and v) · L_attn · K · H · bytes(cfg.dtype).
+- SSM state bytes per row (constant in the sequence length; lmx.models.state documents the layouts), per layer:
+  Mamba-2: (K_w − 1 + R_w)·Y·bytes(cfg.dtype) conv ring + (R_w + 1)·N·H·Z·4 state ring (Y = N·H + 2·G·Z);
+  Mamba-3: (R_w + 1)·(N·H·Z + N·A + R·N·Z + N·H)·4 (state, angles, rotated B, x; A angles, R MIMO rank).
 """
 
 from __future__ import annotations
@@ -84,3 +87,17 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
     """Bytes one position occupies in the KV cache (all attention layers, k and v)."""
     a = cfg.attention
     return 2 * cfg.num_attn_layers * a.num_kv_heads * a.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
+def ssm_state_bytes_per_row(cfg: ModelConfig) -> int:
+    """Bytes of one row's SSM decode state (all SSM layers, rings included; 0 without SSM layers)."""
+    if not cfg.num_ssm_layers:
+        return 0
+    s = cfg.ssm
+    N, H, Z, Q = s.num_heads, s.head_dim, s.state_size, s.rollback_window + 1
+    if s.variant == "mamba3":
+        per_layer = Q * (N * H * Z + N * s.num_angles + s.mimo_rank * N * Z + N * H) * 4
+    else:
+        conv = (s.conv_width - 1 + s.rollback_window) * s.conv_dim * jnp.dtype(cfg.dtype).itemsize
+        per_layer = conv + Q * N * H * Z * 4
+    return cfg.num_ssm_layers * per_layer

@@ -55,7 +55,8 @@ class Generation:
     # 0-d arrays. tokens_generated, model_calls (prefill = 1), decode_steps, prompt_tokens (once per prompt);
     # flops: forward FLOPs the generation needs (each prompt once, then one position per generated token
     # but the last; excludes padding and the masked work on finished rows), flops_per_token = flops /
-    # tokens_generated; kv_bytes: bytes of the KV cache allocated for all B·R rows (see lmx.decoding.cost).
+    # tokens_generated; kv_bytes: bytes of the KV cache allocated for all B·R rows; ssm_state_bytes: the SSM
+    # layers' state for all rows (constant in length); state_bytes: their sum (see lmx.decoding.cost).
     stats: dict[str, jax.Array]
 
 
@@ -230,6 +231,7 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         tokens_generated = jnp.sum(loop.lengths_X)
         flops = (jnp.sum(cost.forward_flops(cfg, 0, lengths_B))
                  + jnp.sum(cost.forward_flops(cfg, prompt_len_X, prompt_len_X + loop.lengths_X - 1)))
+        kv_bytes, ssm_bytes = X * max_len * cost.kv_bytes_per_token(cfg), X * cost.ssm_state_bytes_per_row(cfg)
         stats = {
             "tokens_generated": tokens_generated,
             "model_calls": loop.step,  # the prefill, then one call per token after the first
@@ -237,7 +239,9 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
             "prompt_tokens": jnp.sum(lengths_B),
             "flops": flops,
             "flops_per_token": flops / jnp.maximum(tokens_generated, 1),
-            "kv_bytes": jnp.float32(X * max_len * cost.kv_bytes_per_token(cfg)),
+            "kv_bytes": jnp.float32(kv_bytes),
+            "ssm_state_bytes": jnp.float32(ssm_bytes),
+            "state_bytes": jnp.float32(kv_bytes + ssm_bytes),
         }
         return Generation(
             tokens_BRT=loop.tokens_XT.reshape(B, R, max_new_tokens),

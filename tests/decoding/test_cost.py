@@ -27,6 +27,8 @@ def test_param_count_and_kv_bytes_match_the_model(name):
     state = jax.eval_shape(lambda: lm.init_state(cfg, 2, 8))
     kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.kv))
     assert cost.kv_bytes_per_token(cfg) == kv_bytes // (2 * 8)
+    ssm = state.ssm.replace(floor_B=None) if state.ssm is not None else None  # rings only (floor_B is per row)
+    assert cost.ssm_state_bytes_per_row(cfg) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ssm)) // 2
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "swa-tiny"])
@@ -54,3 +56,19 @@ def test_generation_stats_flops(tiny):
     np.testing.assert_allclose(float(g.stats["flops"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(g.stats["flops_per_token"]), want / 24, rtol=1e-5)
     assert float(g.stats["kv_bytes"]) == 3 * (16 + 8) * cost.kv_bytes_per_token(cfg)
+    assert float(g.stats["ssm_state_bytes"]) == 0 and g.stats["state_bytes"] == g.stats["kv_bytes"]
+
+
+def test_generation_stats_count_ssm_state(tiny):
+    """A hybrid's state_bytes = its KV cache (grows with max_len) + SSM rings (constant), for all B·R rows."""
+    from lmx.decoding import Sampler, generate
+
+    model, params = tiny("hybrid-tiny")
+    g = generate(model, params, [[5, 9, 17], [42]], max_new_tokens=4, num_samples=2, rng=jax.random.key(0),
+                 sampler=Sampler(temperature=1.0))
+    cfg, rows = model.cfg, 2 * 2
+    s = cfg.ssm
+    per_layer = (s.conv_width - 1 + s.rollback_window) * s.conv_dim * 4 + (s.rollback_window + 1) * 8 * 16 * 16 * 4
+    assert float(g.stats["ssm_state_bytes"]) == rows * cfg.num_ssm_layers * per_layer
+    assert float(g.stats["kv_bytes"]) == rows * (16 + 4) * cost.kv_bytes_per_token(cfg)
+    assert float(g.stats["state_bytes"]) == float(g.stats["kv_bytes"]) + float(g.stats["ssm_state_bytes"])
