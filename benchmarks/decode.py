@@ -229,7 +229,9 @@ def profile(args, model, params):
       step_8x  the same with a cache of 8x the slots holding the same keys: the cost of empty slots;
       dense    the bare weight matmuls, layers unrolled, one array per weight (XLA's dense floor);
       head     the LM head matmul + argmax alone.
-    Plus, from the compiled programs: weight bytes each materialises per decode step."""
+    Plus, from the compiled programs: weight bytes each materialises per decode step; and (batch 1) the f32
+    GEMV rate XLA reaches on each weight shape of the model, stored [in, out] as lmx does and [out, in]."""
+    gemv_rates(model, params, args.rounds)
     cfg = model.cfg
     P, N = args.prompt_len, args.profile_tokens or args.new_tokens
     max_len = _max_len(P, N)
@@ -296,6 +298,36 @@ def profile(args, model, params):
              dense_floor_weight_bytes_per_s=must_read / med["dense"],
              lmx_weight_copies_per_step=lmx_copies[0], lmx_weight_bytes_copied_per_step=lmx_copies[1],
              rounds_s={k: v for k, v in t.items()})
+
+
+def gemv_rates(model, params, rounds: int, copies: int = 16):
+    """Bytes/s of x_1D @ w_DF for each distinct 2-D weight shape of one layer (and the LM head), over `copies`
+    distinct weights per shape (so they stream from memory, as in a decode step), for w stored [D, F] (lmx)
+    and [F, D] (torch's layout). Medians of interleaved rounds of 5 calls."""
+    shapes = set()
+    for path, w in jax.tree_util.tree_leaves_with_path(params["layers"]):
+        if w.ndim >= 3:  # [L, in..., out...]; attention's o is [L, N, H, D] (in = N·H), q/k/v [L, D, N, H]
+            split = 3 if path[-1].key == "o" else 2
+            shapes.add((int(np.prod(w.shape[1:split])), int(np.prod(w.shape[split:]))))
+    shapes |= {(w.shape[0], w.shape[1]) for w in [params.get("lm_head")] if w is not None}
+    rng = np.random.default_rng(0)
+    for D, F in sorted(shapes):
+        k = copies if D * F < 4_000_000 else 2
+        w_DF = [jnp.asarray(rng.standard_normal((D, F), np.float32)) for _ in range(k)]
+        w_FD = [jnp.asarray(np.asarray(w).T.copy()) for w in w_DF]
+        x_1D = jnp.ones((1, D), jnp.float32)
+        fns = {"in_out": jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws)),
+               "out_in": jax.jit(lambda x, ws: sum(jnp.sum(x @ w.T) for w in ws))}
+        args = {"in_out": w_DF, "out_in": w_FD}
+        sides = {n: (lambda f=fns[n], w=args[n], x=x_1D: [jax.block_until_ready(f(x, w)) for _ in range(5)])
+                 for n in fns}
+        for fn in sides.values():
+            fn()
+        t = {n: median(v) / 5 for n, v in interleaved(sides, rounds).items()}
+        nbytes = 4 * D * F * k
+        emit(f"decode/profile/gemv/{D}x{F}", "bytes_per_s", nbytes / t["in_out"], baseline=nbytes / t["out_in"],
+             ratio=t["out_in"] / t["in_out"], note="x_1D @ w_DF over distinct f32 weights; value: w stored [D, F] "
+             "(lmx); baseline: stored [F, D]", weights=k)
 
 
 def _max_len(P: int, N: int) -> int:
