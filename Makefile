@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.ssm_decode
+	$(BIN)/python -m benchmarks.compile_depth
 
 lint: $(STAMP)
 	$(BIN)/ruff check lmx tests experiments benchmarks
