@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lmx.models.layers import dense_init
-from lmx.models.ssm import _starts
+from lmx.models.ssm import _starts, ring_read, ring_write
 
 TWO_PI = 2.0 * math.pi
 ROPE_LAYOUTS = ("interleaved", "halves")
@@ -421,26 +421,21 @@ def _chunked(x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, *, ch
 
 def current_state(rings, lengths_B) -> Mamba3State:
     """The state after position lengths-1 of each row (zeros for an empty row)."""
-    Bn, Q = rings[0].shape[:2]
-    slot_B = (lengths_B - 1) % Q
 
     def pick(ring):
-        v = ring[jnp.arange(Bn), slot_B]
+        v = ring_read(ring, lengths_B - 1)
         return jnp.where(_rows(lengths_B > 0, v), v, 0.0)
 
     return Mamba3State(*map(pick, rings))
 
 
 def write_rings(rings, pos_B, state: Mamba3State, live_B=None):
-    """Write each row's state into slot pos % Q (a one-hot select, like ssm.ring_write); rows where live_B is
-    False keep their rings."""
-    Q = rings[0].shape[1]
-    hit_BQ = jnp.arange(Q) == (pos_B % Q)[:, None]
-    if live_B is not None:
-        hit_BQ &= live_B[:, None]
+    """Write each row's state into slot pos % Q, in place (ssm.ring_write); rows where live_B is False keep their
+    rings (they write the slot's own value back)."""
     values = (state.ssm_BNHZ, state.angle_BNA, state.B_prev_BRNZ, state.x_prev_BNH)
-    return tuple(jnp.where(hit_BQ.reshape(hit_BQ.shape + (1,) * (r.ndim - 2)), v.astype(r.dtype)[:, None], r)
-                 for r, v in zip(rings, values, strict=True))
+    if live_B is not None:
+        values = tuple(jnp.where(_rows(live_B, v), v, ring_read(r, pos_B)) for r, v in zip(rings, values, strict=True))
+    return tuple(ring_write(r, pos_B, v) for r, v in zip(rings, values, strict=True))
 
 
 def commit(rings, pending, start_B, valid_B):
