@@ -181,6 +181,15 @@ def ring_read(ring_BQ, pos_B):
     return ring_BQ[jnp.arange(ring_BQ.shape[0]), pos_B % ring_BQ.shape[1]]
 
 
+def computed_once(a):
+    """`a` itself, through an identity gather on its last axis. XLA:CPU fuses cheap elementwise producers into
+    every consumer, even one that reads each element many times, and recomputes them there: the decode step's
+    outer product Δx Bᵀ (N·H·Z elements per row) recomputed the causal conv behind each Δx and B element Z or H
+    times (profiled: 5x the time of the state update itself). XLA never fuses a gather into such a consumer, so
+    `a` is computed once. Exact: a gather only moves values."""
+    return jnp.take(a, jnp.arange(a.shape[-1]), axis=-1, mode="clip")
+
+
 def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
     """`ssd_step` from the current state of a state ring, with the new state written into slot lengths % Q in place:
     returns (y_BNH, ring). Same arithmetic as ssd_step. For one row the output reads the new state back from the
@@ -188,8 +197,8 @@ def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
     also fed the output directly it computed it a second time there, reading the old ring after the write, so XLA
     copied the ring at every step (profiled). The scatter of several rows takes the state computed once."""
     dt_BN = dt_BN.astype(F32)
-    _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), x_BNH.astype(F32) * dt_BN[..., None], dt_BN * A_N,
-                      B_BGZ.astype(F32))
+    _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), computed_once(x_BNH.astype(F32) * dt_BN[..., None]),
+                      dt_BN * A_N, computed_once(B_BGZ.astype(F32)))
     ssm_BQNHZ = ring_write(ssm_BQNHZ, lengths_B, h_BNHZ)
     if ssm_BQNHZ.shape[0] == 1:
         h_BNHZ = ring_read(ssm_BQNHZ, lengths_B)
