@@ -169,10 +169,10 @@ def current_state(ssm_BQNHZ, lengths_B):
 
 def ring_write(ring_BQ, pos_B, value_B):
     """Write each row's value into slot pos % Q of a [B, Q, ...] ring, in place: a dynamic-update-slice for one row,
-    an in-bounds scatter for more (lmx.models.attention.write_cache). Profiled in the decode loop: a one-hot select
-    over the Q slots read and wrote the whole ring at every step, where one slot per row changes. Read a ring after
+    an in-bounds scatter for more (lmx.models.attention.write_cache), so a step moves one slot per row; a one-hot
+    select over the slots read and wrote all Q of them (Q = rollback window + 1 times the state). Read a ring after
     writing it, or read only what the written value depends on: XLA copies a buffer that is read unordered with
-    its in-place write."""
+    its in-place write (profiled)."""
     return write_cache(ring_BQ, value_B[:, None], pos_B % ring_BQ.shape[1], slot_axis=1)
 
 
