@@ -15,9 +15,14 @@ Part 2 (`ssm_decode/generate/...`): lmx `lmx.decoding.generate` vs `transformers
 the same weights (a random HF Mamba2, `save_pretrained`, `lmx.models.load_hf`), greedy, exactly
 `--new_tokens` new tokens (no eos), batch 1 and 8; generated tokens must be identical. transformers runs at
 torch threads = nproc and 1; the faster is the baseline (conservative). Target: lmx >= 5x tokens/s.
+With `--bounds`, per batch also (`ssm_decode/generate/b{B}/bounds`): lmx's prefill and per-step time (generate
+of 1 token vs --new_tokens tokens, medians of --rounds), a dense floor of the same step (only the weight
+matmuls, in_proj and out_proj of every layer and the LM head, on the same weights, batch B, in a jitted
+fori_loop), and transformers' time per generated step at each thread count (its generate median / new tokens).
 
     python -m benchmarks.ssm_decode            # both parts (~4-6 min on a loaded 2-core CPU)
     python -m benchmarks.ssm_decode --quick    # smoke run
+    python -m benchmarks.ssm_decode --skip_step --bounds   # part 2 only, with the per-step bounds
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks._common import emit, environment, interleaved, median
+from benchmarks._common import emit, environment, interleaved, median, timed
 from lmx.decoding import Greedy, generate
 from lmx.models import build, init_params, init_state, load_hf, preset
 
@@ -63,6 +68,8 @@ def parse_args(argv=None):
                    help="comma-separated torch thread counts for transformers; the faster is the baseline")
     p.add_argument("--skip_step", action="store_true", help="skip part 1")
     p.add_argument("--skip_generate", action="store_true", help="skip part 2")
+    p.add_argument("--bounds", action="store_true", help="part 2: also time lmx's prefill and step, and a "
+                   "dense floor of the step (weight matmuls only)")
     p.add_argument("--quick", action="store_true", help="small models, short contexts: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -185,6 +192,27 @@ def hf_mamba2_pair(args):
     return hf, model, jax.device_put(params)
 
 
+def dense_floor_seconds(params, batch: int, steps: int = 200, repeats: int = 5) -> float:
+    """Seconds per step of only the decode step's weight matmuls (in_proj, out_proj of every layer, LM head) on the
+    model's own weights: the floor any implementation of this model pays per step, reading all the weights once.
+    A chain (each matmul feeds the next) so none can be skipped; best of `repeats`."""
+    mixer = params["layers"]["mixer"]
+    w_in_LDP, w_out_LID, w_head_DV = mixer["in_proj"], mixer["out_proj"], params["lm_head"]
+    L, D, I = w_in_LDP.shape[0], w_in_LDP.shape[1], w_out_LID.shape[1]
+    w_in = [w_in_LDP[i] for i in range(L)]  # per-layer buffers, as generate's loop reads them
+    w_out = [w_out_LID[i] for i in range(L)]
+
+    def body(_, x_BD):
+        for i in range(L):
+            x_BD = x_BD + jnp.tanh((x_BD @ w_in[i])[:, :I]) @ w_out[i]
+        return x_BD + 1e-3 * (x_BD @ w_head_DV)[:, :D]
+
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, body, x))
+    x_BD = jnp.ones((batch, D), w_in_LDP.dtype)
+    run(x_BD).block_until_ready()
+    return min(timed(lambda: run(x_BD).block_until_ready()) for _ in range(repeats)) / steps
+
+
 def generate_part(args):
     hf, model, params = hf_mamba2_pair(args)
     P, N = args.prompt_len, args.new_tokens
@@ -234,6 +262,18 @@ def generate_part(args):
              **({f"ratio_vs_{nominal}": tps["lmx"] / tps[nominal]} if nominal in tps else {}),
              **{f"tokens_per_s_{k}": v for k, v in tps.items() if k != "lmx"},
              **{f"{k}_s": v for k, v in times.items()})
+        if args.bounds:
+            one = lambda: generate(model, params, (tokens_BT, lengths_B), max_new_tokens=1,  # noqa: B023
+                                   sampler=Greedy()).tokens_BRT.block_until_ready()
+            one()
+            t1 = interleaved({"one": one, "all": run_lmx}, args.rounds)
+            prefill, full = median(t1["one"]), median(t1["all"])
+            step = (full - prefill) / (N - 1)
+            floor = dense_floor_seconds(params, B)
+            emit(f"ssm_decode/generate/b{B}/bounds", "lmx_step_over_dense_floor", step / floor, floor, step / floor,
+                 lmx_prefill_s=prefill, lmx_generate_s=full, lmx_step_ms=step * 1e3, dense_floor_step_ms=floor * 1e3,
+                 **{f"{k}_step_ms": med[k] / N * 1e3 for k in med if k != "lmx"},
+                 lmx_tokens_per_s_at_dense_floor=B * N / (prefill + (N - 1) * floor))
 
 
 def main(argv=None):

@@ -22,7 +22,15 @@ from lmx.models.config import ModelConfig, repeating_unit
 from lmx.models.layers import MLP, Embed, RMSNorm, dense_init
 from lmx.models.mamba3 import Mamba3Mixer
 from lmx.models.ssm import Mamba2Mixer
-from lmx.models.state import DecodeState, KVCache, Mamba3Cache, SSMCache, commit_pending
+from lmx.models.state import (
+    DecodeState,
+    KVCache,
+    Mamba3Cache,
+    SSMCache,
+    commit_pending,
+    pending_from_layers,
+    ssm_cache_from_layers,
+)
 
 
 @flax.struct.dataclass
@@ -67,7 +75,7 @@ class AttnBlock(nn.Module):
 
 class SSMBlock(nn.Module):
     """Pre-norm residual SSM mixer (no MLP), Mamba-2 or Mamba-3 by cfg.ssm.variant. cache: None or this layer's
-    rings (SSMCache.rings / Mamba3Cache.rings)."""
+    rings (one entry of SSMCache.rings / Mamba3Cache.rings)."""
 
     cfg: ModelConfig
 
@@ -100,12 +108,13 @@ class Unit(nn.Module):
         return x_BTD, None
 
 
-def _ssm_state(state: DecodeState, out, T: int) -> SSMCache | Mamba3Cache:
-    """After one token the rings hold the new step; after more, the call is recorded as pending (state.py)."""
+def _ssm_state(state: DecodeState, outs, T: int) -> SSMCache | Mamba3Cache:
+    """After one token the rings hold the new step; after more, the call is recorded as pending (state.py).
+    outs: each SSM layer's output (its rings, or its pending record)."""
     ssm = state.ssm
     if T > 1:
-        return ssm.replace(pending=ssm.pending_class(state.lengths_B, *out))
-    return type(ssm)(*out, floor_B=jnp.maximum(ssm.floor_B, state.lengths_B + 1 - ssm.rollback_window))
+        return ssm.replace(pending=pending_from_layers(ssm.pending_class, state.lengths_B, outs))
+    return ssm_cache_from_layers(type(ssm), outs, jnp.maximum(ssm.floor_B, state.lengths_B + 1 - ssm.rollback_window))
 
 
 class LM(nn.Module):
@@ -167,8 +176,8 @@ class LM(nn.Module):
 
     def _unrolled(self, layers, x_BTD, state, ctx):
         """The same blocks in a Python loop over per-repetition param trees, with static layer indices: each
-        attention layer's KV cache is its own buffer, written in place and then read (no slicing of a stack);
-        SSM rings are sliced from their [L, ...] stacks and restacked."""
+        layer's decode state (KV cache, SSM rings) is its own buffer, written in place and then read (no slicing
+        of a stack, no restacking)."""
         unit = repeating_unit(self.cfg.layer_pattern)
         kv = None if state is None else state.kv
         ssm = None if state is None or state.ssm is None else state.ssm.rings
@@ -183,12 +192,11 @@ class LM(nn.Module):
                     ks.append(None if out is None else out[0])
                     vs.append(None if out is None else out[1])
                 else:
-                    cache = jax.tree.map(operator.itemgetter(len(ssm_outs)), ssm)
+                    cache = None if ssm is None else ssm[len(ssm_outs)]
                     x_BTD, out = block.apply(params, x_BTD, cache, ctx)
                     ssm_outs.append(out)
         new_kv = None if kv is None else KVCache(tuple(ks), tuple(vs))
-        ssm_out = jax.tree.map(lambda *a: jnp.stack(a), *ssm_outs) if ssm is not None else None
-        return x_BTD, new_kv, ssm_out
+        return x_BTD, new_kv, None if ssm is None else tuple(ssm_outs)
 
 
 def unstack_layers(params):

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lmx.models.layers import dense_init
-from lmx.models.ssm import _starts
+from lmx.models.ssm import _starts, computed_once, ring_read, ring_write
 
 TWO_PI = 2.0 * math.pi
 ROPE_LAYOUTS = ("interleaved", "halves")
@@ -283,10 +283,12 @@ def mamba3_step(
     x_proj_NRH: Float[Array, "N R H"] | None = None,
     D_N: Float[Array, " N"] | None = None,
     rope: str = "interleaved",
+    store_h=None,
 ):
     """One decode token in O(1): advance θ, rotate B/C, apply the trapezoid with the carried (K, x) of the
     previous token. B/C may be [B, N, Z] (SISO; y: [B, N, H]) or [B, R, N, Z] (y: [B, R, N, H]).
-    Returns (y, new Mamba3State)."""
+    store_h: optional h_BNHZ -> h_BNHZ, applied to the new state before the output reads it (an LM writes h into
+    its ring there and may return it read back: see Mamba3Mixer.with_rings). Returns (y, new Mamba3State)."""
     (x, dt, A, B, C, lam, om, xp_RNH, D, state), siso = _prepare(
         x_BNH, dt_BN, A_BN, B_BRNZ, C_BRNZ, lam_BN, omega_BNA, x_proj_NRH, D_N, state, rope, time_axis=False)
     theta_BNA = _wrap(state.angle_BNA + dt[..., None] * om)
@@ -294,8 +296,11 @@ def mamba3_step(
     Q = rotate(C, theta_BNA[:, None], rope)
     X = x[:, None] * xp_RNH  # [B, R, N, H]
     X_prev = state.x_prev_BNH[:, None] * xp_RNH
-    h = _advance(state.ssm_BNHZ, X_prev, state.B_prev_BRNZ, X, K, dt, A, lam)
-    y = jnp.einsum("BNHZ,BRNZ->BRNH", h, Q)
+    # The state update reads each input element H or Z times: computed_once keeps XLA from recomputing the
+    # inputs' projections, norms and rotations inside it (as in ssm.ring_step).
+    once = computed_once
+    h = _advance(state.ssm_BNHZ, X_prev, state.B_prev_BRNZ, once(X), once(K), once(dt), once(A), once(lam))
+    y = jnp.einsum("BNHZ,BRNZ->BRNH", h if store_h is None else store_h(h), Q)
     if D is not None:
         y = y + D[:, None] * X
     new_state = Mamba3State(ssm_BNHZ=h, angle_BNA=theta_BNA, B_prev_BRNZ=K, x_prev_BNH=x)
@@ -421,26 +426,21 @@ def _chunked(x_BTNH, dt_BTN, A_BTN, B_BTRNZ, C_BTRNZ, lam_BTN, omega_BTNA, *, ch
 
 def current_state(rings, lengths_B) -> Mamba3State:
     """The state after position lengths-1 of each row (zeros for an empty row)."""
-    Bn, Q = rings[0].shape[:2]
-    slot_B = (lengths_B - 1) % Q
 
     def pick(ring):
-        v = ring[jnp.arange(Bn), slot_B]
+        v = ring_read(ring, lengths_B - 1)
         return jnp.where(_rows(lengths_B > 0, v), v, 0.0)
 
     return Mamba3State(*map(pick, rings))
 
 
 def write_rings(rings, pos_B, state: Mamba3State, live_B=None):
-    """Write each row's state into slot pos % Q (a one-hot select, like ssm.ring_write); rows where live_B is
-    False keep their rings."""
-    Q = rings[0].shape[1]
-    hit_BQ = jnp.arange(Q) == (pos_B % Q)[:, None]
-    if live_B is not None:
-        hit_BQ &= live_B[:, None]
+    """Write each row's state into slot pos % Q, in place (ssm.ring_write); rows where live_B is False keep their
+    rings (they write the slot's own value back)."""
     values = (state.ssm_BNHZ, state.angle_BNA, state.B_prev_BRNZ, state.x_prev_BNH)
-    return tuple(jnp.where(hit_BQ.reshape(hit_BQ.shape + (1,) * (r.ndim - 2)), v.astype(r.dtype)[:, None], r)
-                 for r, v in zip(rings, values, strict=True))
+    if live_B is not None:
+        values = tuple(jnp.where(_rows(live_B, v), v, ring_read(r, pos_B)) for r, v in zip(rings, values, strict=True))
+    return tuple(ring_write(r, pos_B, v) for r, v in zip(rings, values, strict=True))
 
 
 def commit(rings, pending, start_B, valid_B):
@@ -562,8 +562,19 @@ class Mamba3Mixer(nn.Module):
             return self(x_BTD, segment_ids_BT=segment_ids_BT)[0], None
         state = current_state(rings, lengths_B)
         if x_BTD.shape[1] == 1:
-            y_BTD, new_state = self(x_BTD, state)
-            return y_BTD, write_rings(rings, lengths_B, new_state)
+            written = []
+
+            def store_h(h_BNHZ):
+                # Write h into its ring before the output reads it, and for one row read it back from there, as
+                # ssm.ring_step does: otherwise XLA computed h in the in-place write and again for the output,
+                # read the old ring after the write, and copied the ring at every step (profiled).
+                ring = ring_write(rings[0], lengths_B, h_BNHZ)
+                written.append(ring)
+                return ring_read(ring, lengths_B) if ring.shape[0] == 1 else h_BNHZ
+
+            y_BTD, new_state = self(x_BTD, state, store_h=store_h)
+            rest = (new_state.angle_BNA, new_state.B_prev_BRNZ, new_state.x_prev_BNH)
+            return y_BTD, (written[0], *(ring_write(r, lengths_B, v) for r, v in zip(rings[1:], rest, strict=True)))
         y_BTD, _, pending = self(x_BTD, state, return_pending=True)
         return y_BTD, pending
 
@@ -578,8 +589,10 @@ class Mamba3Mixer(nn.Module):
                              f"least one rotary angle for state_size={self.state_size}")
 
     @nn.compact
-    def __call__(self, x_BTD, state: Mamba3State | None = None, segment_ids_BT=None, *, return_pending=False):
-        """-> (y_BTD, final Mamba3State), plus the pending record of `commit` with return_pending (chunked)."""
+    def __call__(self, x_BTD, state: Mamba3State | None = None, segment_ids_BT=None, *, return_pending=False,
+                 store_h=None):
+        """-> (y_BTD, final Mamba3State), plus the pending record of `commit` with return_pending (chunked).
+        store_h: passed to `mamba3_step` (one-token step only)."""
         self._check()
         D, N, H, Z, R, A = self.d_model, self.num_heads, self.head_dim, self.state_size, self.mimo_rank, self.num_angles
         if x_BTD.ndim != 3 or x_BTD.shape[-1] != D:
@@ -623,7 +636,7 @@ class Mamba3Mixer(nn.Module):
         args = (x_BTNH, dt_BTN, A_BTN, bc["B"], bc["C"], lam_BTN, omega_BTNA)
         kw = dict(x_proj_NRH=x_proj_NRH, D_N=D_N, rope=rope)
         if state is not None and x.shape[1] == 1 and not return_pending:
-            y_BRNH, new_state = mamba3_step(state, *(a[:, 0] for a in args), **kw)
+            y_BRNH, new_state = mamba3_step(state, *(a[:, 0] for a in args), store_h=store_h, **kw)
             y_BTRNH = y_BRNH[:, None]
         else:
             y_BTRNH, new_state, theta_BTNA, K_BTRNZ = _chunked(*args, chunk_size=self.chunk_size, state=state,

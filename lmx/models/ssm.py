@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from lmx.models.attention import write_cache
 from lmx.models.config import ModelConfig
 from lmx.models.layers import dense_init
 
@@ -162,16 +163,46 @@ def conv_window(conv_BWY, lengths_B, size: int):
 
 def current_state(ssm_BQNHZ, lengths_B):
     """The state after position lengths-1 (zeros for an empty row), f32."""
-    h_BNHZ = ssm_BQNHZ[jnp.arange(ssm_BQNHZ.shape[0]), (lengths_B - 1) % ssm_BQNHZ.shape[1]]
+    h_BNHZ = ring_read(ssm_BQNHZ, lengths_B - 1)
     return jnp.where((lengths_B > 0)[:, None, None, None], h_BNHZ, 0.0).astype(F32)
 
 
 def ring_write(ring_BQ, pos_B, value_B):
-    """Write each row's value into slot pos % Q. A one-hot select, not a per-row scatter: XLA fuses it into one
-    elementwise pass, where the scatter copied the ring and then updated it serially."""
-    hit_BQ = jnp.arange(ring_BQ.shape[1]) == (pos_B % ring_BQ.shape[1])[:, None]
-    hit = hit_BQ.reshape(hit_BQ.shape + (1,) * (ring_BQ.ndim - 2))
-    return jnp.where(hit, value_B.astype(ring_BQ.dtype)[:, None], ring_BQ)
+    """Write each row's value into slot pos % Q of a [B, Q, ...] ring, in place: a dynamic-update-slice for one row,
+    an in-bounds scatter for more (lmx.models.attention.write_cache), so a step moves one slot per row; a one-hot
+    select over the slots read and wrote all Q of them (Q = rollback window + 1 times the state). Read a ring after
+    writing it, or read only what the written value depends on: XLA copies a buffer that is read unordered with
+    its in-place write (profiled)."""
+    return write_cache(ring_BQ, value_B[:, None], pos_B % ring_BQ.shape[1], slot_axis=1)
+
+
+def ring_read(ring_BQ, pos_B):
+    """Each row's slot pos % Q of a [B, Q, ...] ring."""
+    return ring_BQ[jnp.arange(ring_BQ.shape[0]), pos_B % ring_BQ.shape[1]]
+
+
+def computed_once(a):
+    """`a` itself, through an identity gather on its last axis. XLA:CPU fuses cheap elementwise producers into
+    every consumer, even one that reads each element many times, and recomputes them there: the decode step's
+    outer product Δx Bᵀ (N·H·Z elements per row) recomputed the causal conv behind each Δx and B element Z or H
+    times (profiled: 5x the time of the state update itself). XLA never fuses a gather into such a consumer, so
+    `a` is computed once. Exact: a gather only moves values."""
+    return jnp.take(a, jnp.arange(a.shape[-1]), axis=-1, mode="clip")
+
+
+def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
+    """`ssd_step` from the current state of a state ring, with the new state written into slot lengths % Q in place:
+    returns (y_BNH, ring). Same arithmetic as ssd_step. For one row the output reads the new state back from the
+    written ring: XLA fuses the state's computation into the in-place dynamic-update-slice, and where the state
+    also fed the output directly it computed it a second time there, reading the old ring after the write, so XLA
+    copied the ring at every step (profiled). The scatter of several rows takes the state computed once."""
+    dt_BN = dt_BN.astype(F32)
+    _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), computed_once(x_BNH.astype(F32) * dt_BN[..., None]),
+                      dt_BN * A_N, computed_once(B_BGZ.astype(F32)))
+    ssm_BQNHZ = ring_write(ssm_BQNHZ, lengths_B, h_BNHZ)
+    if ssm_BQNHZ.shape[0] == 1:
+        h_BNHZ = ring_read(ssm_BQNHZ, lengths_B)
+    return jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BGZ.astype(F32), h_BNHZ.shape[1], 1)), ssm_BQNHZ
 
 
 def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64):
@@ -204,8 +235,9 @@ def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64)
         at = lambda a: a[jnp.arange(Bn), jnp.clip(rel_B, 0, T - 1)]
         _, h_new = _step(h_BNHZ, at(dtx_BTNH), at(dtA_BTN), at(B_BTGZ))
         h_BNHZ = jnp.where(live_B[:, None, None, None], h_new, h_BNHZ)
-        hit_BQ = (jnp.arange(Q) == ((start_B + rel_B) % Q)[:, None]) & live_B[:, None]
-        return (h_BNHZ, jnp.where(hit_BQ[..., None, None, None], h_BNHZ[:, None], ring_BQNHZ)), None
+        pos_B = start_B + rel_B  # rows that are not live write their slot's own value back
+        value_BNHZ = jnp.where(live_B[:, None, None, None], h_BNHZ, ring_read(ring_BQNHZ, pos_B))
+        return (h_BNHZ, ring_write(ring_BQNHZ, pos_B, value_BNHZ)), None
 
     (_, ssm_BQNHZ), _ = lax.scan(step, (h_BNHZ, ssm_BQNHZ), jnp.arange(Q))
     return conv_BWY, ssm_BQNHZ
@@ -298,19 +330,26 @@ class Mamba2Mixer(nn.Module):
         z_BTI, xbc_BTY, dt_BTN = jnp.split(zxbcdt_BTP, [I, I + Y], axis=-1)
 
         runs_BT = None if segment_ids_BT is None else _runs(segment_ids_BT)
-        prev_BPY = None if cache is None else conv_window(cache[0], lengths_B, W - 1)
+        step = cache is not None and T == 1
+        if step and cache[0].shape[1] >= W:
+            # Write this position's conv input first, then read the W - 1 before it from the written ring: a read
+            # before the write is unordered with it, and XLA copied the ring to keep the read safe (profiled).
+            conv_BWY = ring_write(cache[0], lengths_B, xbc_BTY[:, 0])
+            prev_BPY = conv_window(conv_BWY, lengths_B, W - 1)
+        else:  # also a ring of W - 1 slots (rollback_window 0), which the write would overwrite first
+            prev_BPY = None if cache is None else conv_window(cache[0], lengths_B, W - 1)
+            conv_BWY = ring_write(cache[0], lengths_B, xbc_BTY[:, 0]) if step else None
         xbc_act_BTY = nn.silu(causal_conv(xbc_BTY, conv_WY, conv_bias_Y, prev_BPY, runs_BT))
         x_BTNH = xbc_act_BTY[..., :I].reshape(Bn, T, N, H)
         B_BTGZ, C_BTGZ = (a.reshape(Bn, T, G, Z) for a in jnp.split(xbc_act_BTY[..., I:], 2, axis=-1))
         delta_BTN = jnp.clip(jax.nn.softplus(dt_BTN.astype(F32) + dt_bias_N.astype(F32)), *s.dt_limit)
         A_N = -jnp.exp(A_log_N.astype(F32))
 
-        if cache is not None and T == 1:  # decoding: one recurrent step, written into the rings
-            conv_BWY, ssm_BQNHZ = cache
-            y_BNH, h_BNHZ = ssd_step(current_state(ssm_BQNHZ, lengths_B), x_BTNH[:, 0], delta_BTN[:, 0], A_N,
-                                     B_BTGZ[:, 0], C_BTGZ[:, 0])
+        if step:  # decoding: one recurrent step, written into the rings
+            y_BNH, ssm_BQNHZ = ring_step(cache[1], lengths_B, x_BTNH[:, 0], delta_BTN[:, 0], A_N, B_BTGZ[:, 0],
+                                         C_BTGZ[:, 0])
             y_BTNH = y_BNH[:, None]
-            out = (ring_write(conv_BWY, lengths_B, xbc_BTY[:, 0]), ring_write(ssm_BQNHZ, lengths_B, h_BNHZ))
+            out = (conv_BWY, ssm_BQNHZ)
         else:
             h0_BNHZ = None if cache is None else current_state(cache[1], lengths_B)
             y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTGZ, C_BTGZ, chunk_size=s.chunk_size,

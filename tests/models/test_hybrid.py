@@ -165,7 +165,7 @@ def test_layer_patterns_scan_their_repeating_unit():
     assert preset("hybrid-tiny", num_layers=12).layer_pattern == ("ssm", "ssm", "ssm", "attn") * 3
     state = init_state(preset("hybrid-tiny"), 2, 10)
     assert len(state.kv.k_BKHS) == 2 and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
-    assert state.ssm.ssm_LBQNHZ.shape == (6, 2, 5, 8, 16, 16)
+    assert len(state.ssm.ssm_BQNHZ) == 6 and state.ssm.ssm_BQNHZ[5].shape == (2, 5, 8, 16, 16)
     # Mamba-3: the variant picks the mixer (no conv; MIMO rank 2 widens B); its state is a Mamba3Cache.
     mimo = shapes(CONFIGS["mamba3-mimo"])["layers"]["mixer"]
     assert "conv" not in mimo and mimo["in_B"].shape == (2, 64, 2, 16) and mimo["mimo_x"].shape == (2, 8, 2, 16)
@@ -173,5 +173,5 @@ def test_layer_patterns_scan_their_repeating_unit():
         shapes(preset("mamba3-tiny"))["layers"]["mixer"])
     state = init_state(CONFIGS["hybrid-mamba3"], 2, 10)
     assert isinstance(state.ssm, Mamba3Cache) and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
-    assert [a.shape for a in state.ssm.rings] == [(3, 2, 5, 8, 16, 16), (3, 2, 5, 8, 4), (3, 2, 5, 1, 8, 16),
-                                                  (3, 2, 5, 8, 16)]
+    assert [[a.shape for a in layer] for layer in state.ssm.rings] == [
+        [(2, 5, 8, 16, 16), (2, 5, 8, 4), (2, 5, 1, 8, 16), (2, 5, 8, 16)]] * 3

@@ -301,22 +301,23 @@ def test_decode_state_helpers_on_mamba3_cache():
     s = cfg.ssm
     state = init_state(cfg, 3, 8)
     assert isinstance(state.ssm, Mamba3Cache) and state.kv is None and state.ssm.rollback_window == 4
-    assert [a.shape for a in state.ssm.rings] == [(2, 3, 5, 8, 16, 16), (2, 3, 5, 8, s.num_angles),
-                                                  (2, 3, 5, 2, 8, 16), (2, 3, 5, 8, 16)]
+    assert [[a.shape for a in layer] for layer in state.ssm.rings] == [
+        [(3, 5, 8, 16, 16), (3, 5, 8, s.num_angles), (3, 5, 2, 8, 16), (3, 5, 8, 16)]] * 2
     # Distinct rows, with a pending record (MIMO: it carries the x-projection per row), gathered and repeated.
     r = np.random.default_rng(0)
     fill = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
-    pending = Mamba3Pending(jnp.asarray([1, 2, 3]), fill(2, 3, 5, 8, 16), fill(2, 3, 5, 8), fill(2, 3, 5, 8),
-                            fill(2, 3, 5, 8), fill(2, 3, 5, 8, 4), fill(2, 3, 5, 2, 8, 16), fill(2, 3, 8, 2, 16))
-    rings = [fill(*a.shape) for a in state.ssm.rings]
+    layers = lambda *shape: (fill(*shape), fill(*shape))  # one array per SSM layer
+    pending = Mamba3Pending(jnp.asarray([1, 2, 3]), layers(3, 5, 8, 16), layers(3, 5, 8), layers(3, 5, 8),
+                            layers(3, 5, 8), layers(3, 5, 8, 4), layers(3, 5, 2, 8, 16), layers(3, 8, 2, 16))
+    rings = [layers(*a.shape) for a in state.ssm.rings[0]]
     state = state.replace(lengths_B=jnp.asarray([6, 7, 8]),
                           ssm=Mamba3Cache(*rings, floor_B=jnp.asarray([0, 0, 0]), pending=pending))
     picked = select(state, [2, 0, 0])
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(picked), strict=True):
-        np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=0 if a.ndim == 1 else 1))
+        np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=0))  # every array is batch-major
     twice = repeat(state, 2)
-    np.testing.assert_array_equal(twice.ssm.pending.x_proj_LBNRH[:, 3], state.ssm.pending.x_proj_LBNRH[:, 1])
-    np.testing.assert_array_equal(twice.ssm.K_LBQRNZ[:, 5], state.ssm.K_LBQRNZ[:, 2])
+    np.testing.assert_array_equal(twice.ssm.pending.x_proj_BNRH[1][3], state.ssm.pending.x_proj_BNRH[1][1])
+    np.testing.assert_array_equal(twice.ssm.K_BQRNZ[0][5], state.ssm.K_BQRNZ[0][2])
 
     committed = state.replace(ssm=state.ssm.replace(pending=None, floor_B=jnp.asarray([4, 5, 6])))
     assert truncate(committed, [4, 6, 8]).lengths_B.tolist() == [4, 6, 8]

@@ -114,23 +114,26 @@ def test_select_repeat_and_truncate_limits_on_ssm_state():
     cfg = preset("mamba2-tiny")
     state = init_state(cfg, 3, 8)
     s = cfg.ssm
-    assert state.kv is None and state.ssm.conv_LBWY.shape == (2, 3, s.conv_width - 1 + s.rollback_window, s.conv_dim)
-    assert state.ssm.ssm_LBQNHZ.shape == (2, 3, s.rollback_window + 1, s.num_heads, s.head_dim, s.state_size)
+    assert state.kv is None and [a.shape for a in state.ssm.conv_BWY] == [(3, s.conv_width - 1 + s.rollback_window,
+                                                                          s.conv_dim)] * 2
+    assert [a.shape for a in state.ssm.ssm_BQNHZ] == [(3, s.rollback_window + 1, s.num_heads, s.head_dim,
+                                                       s.state_size)] * 2
     # Distinct rows (as after a multi-token call, with its pending steps), then gather and repeat them.
     r = np.random.default_rng(0)
     fill = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
-    pending = SSMPending(jnp.asarray([1, 2, 3]), fill(2, 3, 5, 8, 16), fill(2, 3, 5, 8), fill(2, 3, 5, 2, 16),
-                         fill(2, 3, 5, s.conv_dim))
+    layers = lambda *shape: (fill(*shape), fill(*shape))  # one array per SSM layer
+    pending = SSMPending(jnp.asarray([1, 2, 3]), layers(3, 5, 8, 16), layers(3, 5, 8), layers(3, 5, 2, 16),
+                         layers(3, 5, s.conv_dim))
     state = state.replace(lengths_B=jnp.asarray([6, 7, 8]), ssm=SSMCache(
-        fill(*state.ssm.conv_LBWY.shape), fill(*state.ssm.ssm_LBQNHZ.shape), jnp.asarray([4, 5, 6]), pending))
+        layers(*state.ssm.conv_BWY[0].shape), layers(*state.ssm.ssm_BQNHZ[0].shape), jnp.asarray([4, 5, 6]),
+        pending))
     picked = select(state, [2, 0, 0])
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(picked), strict=True):
-        axis = 0 if a.ndim == 1 else 1
-        np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=axis))
+        np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=0))  # every array is batch-major
     twice = repeat(state, 2)
     np.testing.assert_array_equal(twice.ssm.pending.start_B, [1, 1, 2, 2, 3, 3])
-    np.testing.assert_array_equal(twice.ssm.ssm_LBQNHZ[:, 4], state.ssm.ssm_LBQNHZ[:, 2])
-    np.testing.assert_array_equal(twice.ssm.conv_LBWY[:, 5], state.ssm.conv_LBWY[:, 2])
+    np.testing.assert_array_equal(twice.ssm.ssm_BQNHZ[1][4], state.ssm.ssm_BQNHZ[1][2])
+    np.testing.assert_array_equal(twice.ssm.conv_BWY[0][5], state.ssm.conv_BWY[0][2])
 
     committed = state.replace(ssm=state.ssm.replace(pending=None))
     assert truncate(committed, [4, 6, 8]).lengths_B.tolist() == [4, 6, 8]
