@@ -131,6 +131,11 @@ class LM(nn.Module):
             positions_BT = slots_BT
         if state is not None and segment_ids_BT is not None:
             raise ValueError("segment_ids_BT (packed sequences) is for teacher-forced calls, not with a decode state")
+        if state is not None and state.kv is not None and not isinstance(state.lengths_B, jax.core.Tracer):
+            longest = int(np.max(np.asarray(state.lengths_B)))  # KV writes past the cache would be undefined
+            if longest + T > state.max_len:
+                raise ValueError(f"a call of {T} tokens on a row of length {longest} needs {longest + T} cache "
+                                 f"positions, but the decode state holds max_len={state.max_len}")
 
         embed = Embed(cfg, name="embed")
         x_BTD = embed(tokens_BT)

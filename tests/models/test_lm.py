@@ -165,6 +165,13 @@ def test_invalid_rope_scaling_and_preset():
         preset("gpt-5")
 
 
+def test_call_past_the_cache_is_refused():
+    cfg, model, params = _model("llama-tiny")
+    state = init_state(cfg, 2, 8)
+    with pytest.raises(ValueError, match="needs 9 cache positions, but the decode state holds max_len=8"):
+        model.apply({"params": params}, jnp.zeros((2, 9), jnp.int32), state=state)
+
+
 def test_token_ids_outside_vocab():
     cfg, model, params = _model("llama-tiny")
     with pytest.raises(ValueError, match=r"\[128\] outside the vocabulary \[0, 128\)"):
