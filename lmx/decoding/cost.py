@@ -89,15 +89,17 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
     return 2 * cfg.num_attn_layers * a.num_kv_heads * a.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
-def ssm_state_bytes_per_row(cfg: ModelConfig) -> int:
-    """Bytes of one row's SSM decode state (all SSM layers, rings included; 0 without SSM layers)."""
+def ssm_state_bytes_per_row(cfg: ModelConfig, rollback_window: int | None = None) -> int:
+    """Bytes of one row's SSM decode state (all SSM layers, rings included; 0 without SSM layers), for rings of
+    `rollback_window` (default cfg.ssm.rollback_window; see init_state)."""
     if not cfg.num_ssm_layers:
         return 0
     s = cfg.ssm
-    N, H, Z, Q = s.num_heads, s.head_dim, s.state_size, s.rollback_window + 1
+    R_w = s.rollback_window if rollback_window is None else rollback_window
+    N, H, Z, Q = s.num_heads, s.head_dim, s.state_size, R_w + 1
     if s.variant == "mamba3":
         per_layer = Q * (N * H * Z + N * s.num_angles + s.mimo_rank * N * Z + N * H) * 4
     else:
-        conv = (s.conv_width - 1 + s.rollback_window) * s.conv_dim * jnp.dtype(cfg.dtype).itemsize
+        conv = (s.conv_width - 1 + R_w) * s.conv_dim * jnp.dtype(cfg.dtype).itemsize
         per_layer = conv + Q * N * H * Z * 4
     return cfg.num_ssm_layers * per_layer

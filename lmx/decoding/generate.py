@@ -56,7 +56,7 @@ class Generation:
     # flops: forward FLOPs the generation needs (each prompt once, then one position per generated token
     # but the last; excludes padding and the masked work on finished rows), flops_per_token = flops /
     # tokens_generated; kv_bytes: bytes of the KV cache allocated for all B·R rows; ssm_state_bytes: the SSM
-    # layers' state for all rows (constant in length); state_bytes: their sum (see lmx.decoding.cost).
+    # layers' state for all rows (constant in length; one state slot per layer, no rollback window); state_bytes: their sum (see lmx.decoding.cost).
     stats: dict[str, jax.Array]
 
 
@@ -204,8 +204,11 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         X = B * R
 
         # Prefill each prompt once (right-padded, so roll back to the true lengths), then share it R ways.
-        out = model.apply({"params": params}, tokens_BT, state=init_state(cfg, B, max_len))
-        last_logits_BV = jnp.take_along_axis(out.logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        # No rollback_window: generate never rolls back past its prefill (the truncate below folds the pending
+        # prefill), so each SSM layer keeps one state slot, updated in place every step.
+        out = model.apply({"params": params}, tokens_BT, state=init_state(cfg, B, max_len, rollback_window=0),
+                          logits_at_B=lengths_B - 1)
+        last_logits_BV = out.logits_BTV[:, 0]
         state = repeat(truncate(out.state, lengths_B), R)
         loop = _Loop(
             step=jnp.int32(0), state=state, last_X=jnp.zeros((X,), jnp.int32),
@@ -231,7 +234,8 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         tokens_generated = jnp.sum(loop.lengths_X)
         flops = (jnp.sum(cost.forward_flops(cfg, 0, lengths_B))
                  + jnp.sum(cost.forward_flops(cfg, prompt_len_X, prompt_len_X + loop.lengths_X - 1)))
-        kv_bytes, ssm_bytes = X * max_len * cost.kv_bytes_per_token(cfg), X * cost.ssm_state_bytes_per_row(cfg)
+        kv_bytes = X * max_len * cost.kv_bytes_per_token(cfg)
+        ssm_bytes = X * cost.ssm_state_bytes_per_row(cfg, rollback_window=0)
         stats = {
             "tokens_generated": tokens_generated,
             "model_calls": loop.step,  # the prefill, then one call per token after the first

@@ -121,10 +121,18 @@ class LM(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, state: DecodeState | None = None, segment_ids_BT=None):
+    def __call__(self, tokens_BT, positions_BT=None, state: DecodeState | None = None, segment_ids_BT=None,
+                 logits_at_B=None):
+        """logits_at_B: optional int [B], one index into T per row; only those positions' logits are computed
+        (logits_BTV has T = 1). A prefill needs only each prompt's last position; the LM head over every
+        position is a large share of its FLOPs (23% on benchmarks.ssm_decode's model: vocab 4096, d_model 256)."""
         cfg = self.cfg
         check_tokens(tokens_BT, cfg.vocab_size)
         B, T = tokens_BT.shape
+        if logits_at_B is not None and not isinstance(logits_at_B, jax.core.Tracer):
+            at = np.asarray(logits_at_B)
+            if at.shape != (B,) or at.min() < 0 or at.max() >= T:
+                raise ValueError(f"logits_at_B={at.tolist()} must hold one index in [0, {T}) per row ({B} rows)")
         offset_B = jnp.zeros((B,), jnp.int32) if state is None else state.lengths_B
         slots_BT = offset_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         if positions_BT is None:
@@ -151,13 +159,17 @@ class LM(nn.Module):
                 layers = self.variables["params"]["layers"]
             x_BTD, kv, ssm_out = self._unrolled(unstack_layers({"layers": layers})["layers"], x_BTD, state, ctx)
         h_BTD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(x_BTD)
+        head_BTD = h_BTD
+        if logits_at_B is not None:
+            at_B1 = jnp.asarray(logits_at_B, jnp.int32).reshape(B, 1)
+            head_BTD = jnp.take_along_axis(h_BTD, at_B1[..., None], axis=1)
 
         if cfg.tie_embeddings:
-            logits_BTV = embed.attend(h_BTD)
+            logits_BTV = embed.attend(head_BTD)
         else:
             w_DV = self.param("lm_head", dense_init(cfg.d_model, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
                               jnp.dtype(cfg.param_dtype))
-            logits_BTV = h_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
+            logits_BTV = head_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
         new_state = None
         if state is not None:
             ssm = None if state.ssm is None else _ssm_state(state, ssm_out, T)

@@ -28,6 +28,7 @@ from lmx.models.config import ModelConfig
 from lmx.models.layers import dense_init
 
 F32 = jnp.float32
+SELECT_MAX = 1 << 16  # ring elements up to which ring_write selects instead of scattering
 
 
 def _heads(a, num_heads: int, axis: int):
@@ -168,16 +169,26 @@ def current_state(ssm_BQNHZ, lengths_B):
 
 
 def ring_write(ring_BQ, pos_B, value_B):
-    """Write each row's value into slot pos % Q of a [B, Q, ...] ring, in place: a dynamic-update-slice for one row,
-    an in-bounds scatter for more (lmx.models.attention.write_cache), so a step moves one slot per row; a one-hot
-    select over the slots read and wrote all Q of them (Q = rollback window + 1 times the state). Read a ring after
-    writing it, or read only what the written value depends on: XLA copies a buffer that is read unordered with
-    its in-place write (profiled)."""
+    """Write each row's value into slot pos % Q of a [B, Q, ...] ring, in place, so a step moves one slot per row.
+    By shape (XLA:CPU's cheapest in-place form of each, profiled): one slot, a static update; one row, a
+    dynamic-update-slice; a small ring (<= SELECT_MAX elements: conv rings), a one-hot select over the slots,
+    because XLA:CPU's scatter runs element by element (~60 µs for an [8, 3, 640] ring); otherwise an in-bounds
+    scatter (lmx.models.attention.write_cache), where a select would read and write all Q slots. Read a ring
+    after writing it, or read only what the written value depends on: XLA copies a buffer that is read unordered
+    with its in-place write (profiled)."""
+    if ring_BQ.shape[1] == 1:
+        return ring_BQ.at[:, 0].set(value_B.astype(ring_BQ.dtype))
+    if ring_BQ.shape[0] > 1 and ring_BQ.size <= SELECT_MAX:
+        hit_BQ = (pos_B % ring_BQ.shape[1])[:, None] == jnp.arange(ring_BQ.shape[1])
+        hit_BQ = hit_BQ.reshape(hit_BQ.shape + (1,) * (ring_BQ.ndim - 2))
+        return jnp.where(hit_BQ, value_B[:, None].astype(ring_BQ.dtype), ring_BQ)
     return write_cache(ring_BQ, value_B[:, None], pos_B % ring_BQ.shape[1], slot_axis=1)
 
 
 def ring_read(ring_BQ, pos_B):
     """Each row's slot pos % Q of a [B, Q, ...] ring."""
+    if ring_BQ.shape[1] == 1:
+        return ring_BQ[:, 0]
     return ring_BQ[jnp.arange(ring_BQ.shape[0]), pos_B % ring_BQ.shape[1]]
 
 
@@ -195,8 +206,18 @@ def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
     returns (y_BNH, ring). Same arithmetic as ssd_step. For one row the output reads the new state back from the
     written ring: XLA fuses the state's computation into the in-place dynamic-update-slice, and where the state
     also fed the output directly it computed it a second time there, reading the old ring after the write, so XLA
-    copied the ring at every step (profiled). The scatter of several rows takes the state computed once."""
+    copied the ring at every step (profiled). The scatter of several rows takes the state computed once.
+    A one-slot ring (rollback window 0, as `generate` uses) is updated elementwise in its own [B, 1, ...] shape:
+    XLA then computes it in place; computed as [B, N, H, Z] and written into slot 0, it was copied every step."""
     dt_BN = dt_BN.astype(F32)
+    if ssm_BQNHZ.shape[1] == 1:
+        N = ssm_BQNHZ.shape[2]
+        live_B = (lengths_B > 0).reshape(-1, 1, 1, 1, 1)
+        decay_B1N11 = jnp.exp(dt_BN * A_N).reshape(-1, 1, N, 1, 1)
+        inp_BNHZ = computed_once(x_BNH.astype(F32) * dt_BN[..., None])[..., None] * computed_once(
+            _heads(B_BGZ.astype(F32), N, 1))[:, :, None, :]
+        ssm_BQNHZ = decay_B1N11 * jnp.where(live_B, ssm_BQNHZ, 0.0) + inp_BNHZ[:, None]
+        return jnp.einsum("BNHZ,BNZ->BNH", ssm_BQNHZ[:, 0], _heads(C_BGZ.astype(F32), N, 1)), ssm_BQNHZ
     _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), computed_once(x_BNH.astype(F32) * dt_BN[..., None]),
                       dt_BN * A_N, computed_once(B_BGZ.astype(F32)))
     ssm_BQNHZ = ring_write(ssm_BQNHZ, lengths_B, h_BNHZ)

@@ -17,7 +17,8 @@ A decode step reads the current state's slot and writes the new state (and conv 
 not an [L, ...] stack, whose slicing and restacking copied every ring at every step; see ssm.ring_write).
 So rolling back j <= R_w steps is free: only `lengths_B` changes, and the next writes overwrite the stale
 slots. `floor_B` is the shortest length each row can still be restored to: length - R_w after a write, and
-unchanged by `truncate`. R_w = 0 disables rollback across calls.
+unchanged by `truncate`. R_w = 0 disables rollback across calls; `init_state(..., rollback_window=)` overrides
+the config's R_w for one state (`generate` uses 0: one slot per layer, which a step updates in place, elementwise).
 Memory per SSM layer and row, in bytes: (K_w - 1 + R_w)·Y·bytes(dtype) + (R_w + 1)·N·H·Z·4 (states are f32);
 e.g. Mamba2-130m dims (N=24, H=64, Z=128, G=1, K_w=4) with R_w=4: 7·1792·2 + 5·196608·4 ≈ 3.9 MB per layer
 (R_w = 0: 0.8 MB).
@@ -193,11 +194,20 @@ class DecodeState:
         return self.kv.v_BKSH[0].shape[2] if self.kv is not None else 0
 
 
-def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DecodeState:
+def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None, rollback_window: int | None = None
+               ) -> DecodeState:
     """Empty state for `batch` rows and KV caches of `max_len` positions. `dtype` (default cfg.dtype) is that
-    of the KV caches and conv rings; SSM states (all Mamba-3 rings) are always float32."""
+    of the KV caches and conv rings; SSM states (all Mamba-3 rings) are always float32. `rollback_window`
+    (default cfg.ssm.rollback_window) sizes the SSM rings: a caller that never rolls back further than the
+    multi-token call it just made (plain sampling: `generate`) passes 0 and keeps one state slot per layer,
+    which a decode step updates in place, elementwise (see ssm.ring_step)."""
     if max_len <= 0 or batch <= 0:
         raise ValueError(f"init_state needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+    if rollback_window is not None and (isinstance(rollback_window, bool) or not isinstance(rollback_window, int)
+                                        or rollback_window < 0):
+        raise ValueError(f"init_state: rollback_window={rollback_window!r} must be an int >= 0 (or None)")
+    if rollback_window is not None and cfg.num_ssm_layers:
+        cfg = cfg.replace(ssm=dataclasses.replace(cfg.ssm, rollback_window=rollback_window))
     dtype = jnp.dtype(dtype or cfg.dtype)
     a = cfg.attention
     kv = ssm = None
@@ -278,7 +288,8 @@ def truncate(state: DecodeState, lengths_B) -> DecodeState:
             raise ValueError(
                 f"truncate: rows {rows[:8]} roll back to lengths {np.asarray(lengths_B)[rows[:8]].tolist()}, but "
                 f"their SSM states can only be restored to lengths >= {np.asarray(ssm.floor_B)[rows[:8]].tolist()}: "
-                f"SSM layers keep only the last SSMConfig.rollback_window={ssm.rollback_window} committed steps"
+                f"SSM layers keep only the last rollback_window={ssm.rollback_window} committed steps (SSMConfig's, "
+                f"or init_state's override)"
                 + (" (rollback is disabled)" if ssm.rollback_window == 0 else "")
             )
     return state.replace(lengths_B=lengths_B, ssm=ssm)

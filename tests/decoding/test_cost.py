@@ -27,8 +27,12 @@ def test_param_count_and_kv_bytes_match_the_model(name):
     state = jax.eval_shape(lambda: lm.init_state(cfg, 2, 8))
     kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.kv))
     assert cost.kv_bytes_per_token(cfg) == kv_bytes // (2 * 8)
-    ssm = state.ssm.replace(floor_B=None) if state.ssm is not None else None  # rings only (floor_B is per row)
-    assert cost.ssm_state_bytes_per_row(cfg) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ssm)) // 2
+    rings = lambda st: st.ssm.replace(floor_B=None) if st.ssm is not None else None  # floor_B is per row
+    ring_bytes = lambda st: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rings(st))) // 2
+    assert cost.ssm_state_bytes_per_row(cfg) == ring_bytes(state)
+    for window in (0, 2):  # init_state's override of cfg.ssm.rollback_window
+        state = jax.eval_shape(lambda w=window: lm.init_state(cfg, 2, 8, rollback_window=w))
+        assert cost.ssm_state_bytes_per_row(cfg, rollback_window=window) == ring_bytes(state)
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "swa-tiny"])
@@ -60,7 +64,8 @@ def test_generation_stats_flops(tiny):
 
 
 def test_generation_stats_count_ssm_state(tiny):
-    """A hybrid's state_bytes = its KV cache (grows with max_len) + SSM rings (constant), for all B·R rows."""
+    """A hybrid's state_bytes = its KV cache (grows with max_len) + SSM rings (constant), for all B·R rows.
+    generate keeps no rollback window (one state slot per SSM layer: it never rolls back past its prefill)."""
     from lmx.decoding import Sampler, generate
 
     model, params = tiny("hybrid-tiny")
@@ -68,7 +73,8 @@ def test_generation_stats_count_ssm_state(tiny):
                  sampler=Sampler(temperature=1.0))
     cfg, rows = model.cfg, 2 * 2
     s = cfg.ssm
-    per_layer = (s.conv_width - 1 + s.rollback_window) * s.conv_dim * 4 + (s.rollback_window + 1) * 8 * 16 * 16 * 4
+    assert s.rollback_window == 4
+    per_layer = (s.conv_width - 1) * s.conv_dim * 4 + 8 * 16 * 16 * 4
     assert float(g.stats["ssm_state_bytes"]) == rows * cfg.num_ssm_layers * per_layer
     assert float(g.stats["kv_bytes"]) == rows * (16 + 4) * cost.kv_bytes_per_token(cfg)
     assert float(g.stats["state_bytes"]) == float(g.stats["kv_bytes"]) + float(g.stats["ssm_state_bytes"])

@@ -172,6 +172,18 @@ def test_call_past_the_cache_is_refused():
         model.apply({"params": params}, jnp.zeros((2, 9), jnp.int32), state=state)
 
 
+def test_logits_at_one_position_per_row():
+    cfg, model, params = _model("llama-tiny")
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, 128, (3, 7)), jnp.int32)
+    full_BTV = model.apply({"params": params}, tokens_BT).logits_BTV
+    at_B = jnp.asarray([6, 0, 3])
+    out = model.apply({"params": params}, tokens_BT, state=init_state(cfg, 3, 8), logits_at_B=at_B)
+    assert out.logits_BTV.shape == (3, 1, 128) and out.state.lengths_B.tolist() == [7] * 3
+    np.testing.assert_allclose(out.logits_BTV[:, 0], full_BTV[jnp.arange(3), at_B], atol=1e-5)
+    with pytest.raises(ValueError, match=r"logits_at_B=\[7, 0, 3\] must hold one index in \[0, 7\) per row"):
+        model.apply({"params": params}, tokens_BT, logits_at_B=jnp.asarray([7, 0, 3]))
+
+
 def test_token_ids_outside_vocab():
     cfg, model, params = _model("llama-tiny")
     with pytest.raises(ValueError, match=r"\[128\] outside the vocabulary \[0, 128\)"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmx.models import ModelConfig, SSMCache, SSMConfig, SSMPending, init_state, preset, repeat, select, truncate
-from lmx.models.ssm import commit, current_state, ssd_chunked, ssd_naive, ssd_step
+from lmx.models.ssm import commit, current_state, ring_read, ring_step, ring_write, ssd_chunked, ssd_naive, ssd_step
 
 B, T, N, H, Z, G = 2, 11, 4, 3, 5, 2
 CHUNKS = (1, 3, 4, 16)  # 16 > T: a single padded chunk
@@ -110,6 +110,39 @@ def test_commit_keeps_the_last_states_and_conv_inputs():
     np.testing.assert_allclose(current_state(ring, jnp.asarray(start + valid))[1], states[6], atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, slots, shape", [(1, 5, (4,)), (3, 1, (4,)), (3, 5, (4,)), (3, 5, (64, 256))],
+                         ids=["one-row", "one-slot", "select", "scatter"])
+def test_ring_write_paths_write_one_slot_per_row(rows, slots, shape):
+    """ring_write picks its write by size (dynamic-update-slice, elementwise, one-hot select, scatter): all write
+    slot pos % Q of each row and nothing else."""
+    r = np.random.default_rng(0)
+    ring = r.standard_normal((rows, slots, *shape)).astype(np.float32)
+    value = r.standard_normal((rows, *shape)).astype(np.float32)
+    pos = np.array([7, 3, 9][:rows])
+    got = jax.jit(ring_write)(jnp.asarray(ring), jnp.asarray(pos), jnp.asarray(value))
+    want = ring.copy()
+    want[np.arange(rows), pos % slots] = value
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ring_read(got, jnp.asarray(pos)), value)
+
+
+def test_ring_step_with_one_slot_equals_the_ring():
+    """The one-slot ring (no rollback window: generate's state) updates in place, by its own code path; it must
+    give ssd_step's output and state, like a ring of several slots."""
+    x, dt, A, Bm, Cm, h0, _ = _inputs(3)
+    lengths = jnp.asarray([4, 0])  # row 1 is empty: its current state is zeros, whatever the ring holds
+    outs = []
+    for slots in (1, 3):
+        ring = jnp.broadcast_to(jnp.asarray(h0)[:, None], (B, slots, N, H, Z))
+        y, ring = jax.jit(ring_step)(ring, lengths, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])
+        outs.append((y, ring_read(ring, lengths)))
+    h_in = np.where(np.asarray(lengths > 0)[:, None, None, None], h0, 0)
+    want_y, want_h = ssd_step(h_in, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])
+    for y, h in outs:
+        np.testing.assert_allclose(y, want_y, atol=1e-5)
+        np.testing.assert_allclose(h, want_h, atol=1e-6)
+
+
 def test_select_repeat_and_truncate_limits_on_ssm_state():
     cfg = preset("mamba2-tiny")
     state = init_state(cfg, 3, 8)
@@ -140,6 +173,10 @@ def test_select_repeat_and_truncate_limits_on_ssm_state():
     with pytest.raises(ValueError, match=r"rows \[1\] roll back to lengths \[4\].*>= \[5\].*rollback_window=4"):
         truncate(committed, [4, 4, 8])
     off = init_state(cfg.replace(ssm=dataclasses.replace(s, rollback_window=0)), 1, 8)
+    override = init_state(cfg, 1, 8, rollback_window=0)  # the same rings, by init_state's override
+    assert jax.tree.map(jnp.shape, override) == jax.tree.map(jnp.shape, off)
+    with pytest.raises(ValueError, match=r"rollback_window=-1 must be an int >= 0"):
+        init_state(cfg, 1, 8, rollback_window=-1)
     off = off.replace(lengths_B=jnp.asarray([3]), ssm=off.ssm.replace(floor_B=jnp.asarray([3])))
     with pytest.raises(ValueError, match=r"rollback_window=0 .*\(rollback is disabled\)"):
         truncate(off, [2])
