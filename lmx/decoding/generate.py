@@ -56,7 +56,8 @@ class Generation:
     # flops: forward FLOPs the generation needs (each prompt once, then one position per generated token
     # but the last; excludes padding and the masked work on finished rows), flops_per_token = flops /
     # tokens_generated; kv_bytes: bytes of the KV cache allocated for all B·R rows; ssm_state_bytes: the SSM
-    # layers' state for all rows (constant in length; one state slot per layer, no rollback window); state_bytes: their sum (see lmx.decoding.cost).
+    # layers' state for all rows (constant in length; one state slot per layer, no rollback window);
+    # state_bytes: their sum (see lmx.decoding.cost).
     stats: dict[str, jax.Array]
 
 
@@ -204,9 +205,11 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         X = B * R
 
         # Prefill each prompt once (right-padded, so roll back to the true lengths), then share it R ways.
-        # No rollback_window: generate never rolls back past its prefill (the truncate below folds the pending
-        # prefill), so each SSM layer keeps one state slot, updated in place every step.
-        out = model.apply({"params": params}, tokens_BT, state=init_state(cfg, B, max_len, rollback_window=0),
+        # The decode layout (see unstack_layers) serves the prefill and the loop; params already in it are not
+        # copied. No rollback_window: generate never rolls back past its prefill (the truncate below folds the
+        # pending prefill), so each SSM layer keeps one state slot, updated in place every step.
+        step_params = unstack_layers(params)
+        out = model.apply({"params": step_params}, tokens_BT, state=init_state(cfg, B, max_len, rollback_window=0),
                           logits_at_B=lengths_B - 1)
         last_logits_BV = out.logits_BTV[:, 0]
         state = repeat(truncate(out.state, lengths_B), R)
@@ -220,8 +223,6 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
 
         def keep_going(loop: _Loop):
             return (loop.step < max_new_tokens) & ~stop_when(loop.finished_X.reshape(B, R))
-
-        step_params = unstack_layers(params)  # split the layer stack once, outside the loop (see its docstring)
 
         def decode_step(loop: _Loop) -> _Loop:
             # Finished rows are fed too (static shapes); their outputs are masked in `record`.
