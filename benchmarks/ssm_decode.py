@@ -12,13 +12,15 @@ steps per round). Reported: seconds per step at each context, the 8192/512 ratio
 nbytes of the state pytree's leaves).
 
 Part 2 (`ssm_decode/generate/...`): lmx `lmx.decoding.generate` vs `transformers` `Mamba2ForCausalLM.generate` on
-the same weights (a random HF Mamba2, `save_pretrained`, `lmx.models.load_hf`), greedy, exactly
-`--new_tokens` new tokens (no eos), batch 1 and 8; generated tokens must be identical. transformers runs at
-torch threads = nproc and 1; the faster is the baseline (conservative). Target: lmx >= 5x tokens/s.
+the same weights (a random HF Mamba2, `save_pretrained`, `lmx.models.load_hf`, split once into the decode layout
+with `unstack_layers`, as a serving loop would), greedy, exactly `--new_tokens` new tokens (no eos), batch 1 and
+8; generated tokens must be identical. transformers runs at torch threads = nproc and 1; the faster is the
+baseline (conservative). Target: lmx >= 5x tokens/s.
 With `--bounds`, per batch also (`ssm_decode/generate/b{B}/bounds`): lmx's prefill and per-step time (generate
-of 1 token vs --new_tokens tokens, medians of --rounds), a dense floor of the same step (only the weight
-matmuls, in_proj and out_proj of every layer and the LM head, on the same weights, batch B, in a jitted
-fori_loop), and transformers' time per generated step at each thread count (its generate median / new tokens).
+of 1 token vs --new_tokens tokens, medians of --rounds), two floors of the same step on the same weights, batch B,
+in a jitted fori_loop (`floor_seconds`): dense (only the weight matmuls: in_proj, out_proj of every layer, the LM
+head) and state (those plus each layer's [B, N, H, Z] state update and output), and transformers' time per
+generated step at each thread count (its generate median / new tokens).
 
     python -m benchmarks.ssm_decode            # both parts (~4-6 min on a loaded 2-core CPU)
     python -m benchmarks.ssm_decode --quick    # smoke run
@@ -41,7 +43,7 @@ import torch
 
 from benchmarks._common import emit, environment, interleaved, median, timed
 from lmx.decoding import Greedy, generate
-from lmx.models import build, init_params, init_state, load_hf, preset
+from lmx.models import build, init_params, init_state, load_hf, preset, unstack_layers
 
 STEP_RATIO_TARGET = 1.2  # SSM step time at the longest context / shortest, from the issue
 GENERATE_TARGET = 5.0  # lmx / transformers tokens/s
@@ -192,29 +194,47 @@ def hf_mamba2_pair(args):
     return hf, model, jax.device_put(params)
 
 
-def dense_floor_seconds(params, batch: int, steps: int = 200, repeats: int = 5) -> float:
-    """Seconds per step of only the decode step's weight matmuls (in_proj, out_proj of every layer, LM head) on the
-    model's own weights: the floor any implementation of this model pays per step, reading all the weights once.
-    A chain (each matmul feeds the next) so none can be skipped; best of `repeats`."""
+def floor_seconds(params, batch: int, ssm_dims=None, steps: int = 200, repeats: int = 5) -> float:
+    """Seconds per step of a stripped-down decode step on the model's own weights, best of `repeats`.
+    Without ssm_dims, the dense floor: only the weight matmuls (in_proj, out_proj of every layer, LM head), the
+    floor any implementation pays per step, reading all the weights once. With ssm_dims = (N, H, Z), the state
+    floor: also each layer's state update h = a h + x Bᵀ on an [B, N, H, Z] f32 state carried in place, and its
+    output h C (no conv, norms, gates or sampling). A chain (each op feeds the next) so none can be skipped."""
     mixer = params["layers"]["mixer"]
     w_in_LDP, w_out_LID, w_head_DV = mixer["in_proj"], mixer["out_proj"], params["lm_head"]
     L, D, I = w_in_LDP.shape[0], w_in_LDP.shape[1], w_out_LID.shape[1]
     w_in = [w_in_LDP[i] for i in range(L)]  # per-layer buffers, as generate's loop reads them
     w_out = [w_out_LID[i] for i in range(L)]
 
-    def body(_, x_BD):
+    def body(_, carry):
+        x_BD, hs = carry
+        new = []
         for i in range(L):
-            x_BD = x_BD + jnp.tanh((x_BD @ w_in[i])[:, :I]) @ w_out[i]
-        return x_BD + 1e-3 * (x_BD @ w_head_DV)[:, :D]
+            p_BP = x_BD @ w_in[i]
+            y_BI = jnp.tanh(p_BP[:, :I])
+            if ssm_dims is not None:
+                N, H, Z = ssm_dims
+                b_BZ, c_BZ, a_BN = p_BP[:, I:I + Z], p_BP[:, I + Z:I + 2 * Z], jax.nn.sigmoid(p_BP[:, -N:])
+                h_BNHZ = hs[i] * a_BN[..., None, None] + y_BI.reshape(-1, N, H)[..., None] * b_BZ[:, None, None]
+                new.append(h_BNHZ)
+                y_BI = jnp.einsum("BNHZ,BZ->BNH", h_BNHZ, c_BZ).reshape(-1, I)
+            x_BD = x_BD + y_BI @ w_out[i]
+        return x_BD + 1e-3 * (x_BD @ w_head_DV)[:, :D], tuple(new)
 
-    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, body, x))
+    run = jax.jit(lambda x, hs: jax.lax.fori_loop(0, steps, body, (x, hs)), donate_argnums=1)
     x_BD = jnp.ones((batch, D), w_in_LDP.dtype)
-    run(x_BD).block_until_ready()
-    return min(timed(lambda: run(x_BD).block_until_ready()) for _ in range(repeats)) / steps
+    box = [() if ssm_dims is None else tuple(jnp.zeros((batch, *ssm_dims), jnp.float32) for _ in range(L))]
+
+    def once():
+        box[0] = jax.block_until_ready(run(x_BD, box[0]))[1]
+
+    once()
+    return min(timed(once) for _ in range(repeats)) / steps
 
 
 def generate_part(args):
     hf, model, params = hf_mamba2_pair(args)
+    decode_params = unstack_layers(params)  # split once at load, as a serving loop would (see unstack_layers)
     P, N = args.prompt_len, args.new_tokens
     emit("ssm_decode/generate/model", "params", n_params(params), hf_params=sum(p.numel() for p in hf.parameters()),
          d_model=args.hidden, layers=args.ssm_layers, vocab=args.vocab, state_size=args.state_size,
@@ -228,7 +248,7 @@ def generate_part(args):
         outputs = {}
 
         def run_lmx(tokens_BT=tokens_BT, lengths_B=lengths_B, outputs=outputs):
-            gen = generate(model, params, (tokens_BT, lengths_B), max_new_tokens=N, sampler=Greedy())
+            gen = generate(model, decode_params, (tokens_BT, lengths_B), max_new_tokens=N, sampler=Greedy())
             outputs["lmx"] = np.asarray(gen.tokens_BRT[:, 0])
 
         def make_hf(threads, ids=ids, outputs=outputs):
@@ -263,16 +283,20 @@ def generate_part(args):
              **{f"tokens_per_s_{k}": v for k, v in tps.items() if k != "lmx"},
              **{f"{k}_s": v for k, v in times.items()})
         if args.bounds:
-            one = lambda: generate(model, params, (tokens_BT, lengths_B), max_new_tokens=1,  # noqa: B023
+            one = lambda: generate(model, decode_params, (tokens_BT, lengths_B), max_new_tokens=1,  # noqa: B023
                                    sampler=Greedy()).tokens_BRT.block_until_ready()
             one()
             t1 = interleaved({"one": one, "all": run_lmx}, args.rounds)
             prefill, full = median(t1["one"]), median(t1["all"])
             step = (full - prefill) / (N - 1)
-            floor = dense_floor_seconds(params, B)
-            emit(f"ssm_decode/generate/b{B}/bounds", "lmx_step_over_dense_floor", step / floor, floor, step / floor,
-                 lmx_prefill_s=prefill, lmx_generate_s=full, lmx_step_ms=step * 1e3, dense_floor_step_ms=floor * 1e3,
+            s = model.cfg.ssm
+            floor = floor_seconds(params, B)
+            state_floor = floor_seconds(params, B, (s.num_heads, s.head_dim, s.state_size))
+            emit(f"ssm_decode/generate/b{B}/bounds", "lmx_step_over_state_floor", step / state_floor, state_floor,
+                 step / state_floor, lmx_prefill_s=prefill, lmx_generate_s=full, lmx_step_ms=step * 1e3,
+                 state_floor_step_ms=state_floor * 1e3, dense_floor_step_ms=floor * 1e3,
                  **{f"{k}_step_ms": med[k] / N * 1e3 for k in med if k != "lmx"},
+                 lmx_tokens_per_s_at_state_floor=B * N / (prefill + (N - 1) * state_floor),
                  lmx_tokens_per_s_at_dense_floor=B * N / (prefill + (N - 1) * floor))
 
 
