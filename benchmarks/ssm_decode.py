@@ -4,10 +4,12 @@ Part 1 (`ssm_decode/step/...`): one jitted cached decode step `model.apply({"par
 batch 1, for a random-weight Mamba-2 (preset "mamba2-tiny" scaled up) and a Llama-style transformer of similar
 parameter count (preset "llama-tiny" scaled up), with the decode state's lengths set to each context (512,
 2048, 8192 by default). The transformer's state is `init_state(cfg, 1, ctx + 8)` (a KV cache of ctx + 8 slots);
-the SSM's state has the same size at every context. The state is donated and fed back each step with its
+the SSM's state has the same size at every context, and the SSM is timed twice: `ssm` with the config's
+rollback window (4: rings of 5 states, what speculative decoding keeps) and `ssm_w0` with window 0 (one state
+slot per layer, the state `generate` uses). The state is donated and fed back each step with its
 lengths reset to the context (the step's in-place update, as in `generate`); cache values don't matter for
 timing. All (model, context) cases are timed interleaved (order alternating every round, medians of a block of
-steps per round). Reported: seconds per step at each context, the 8192/512 ratio for each model (SSM target
+steps per round). Reported: seconds per step at each context, the 8192/512 ratio for each case (SSM target
 <= 1.2), the SSM/transformer throughput ratio at the longest context, and decode-state bytes (sum of the
 nbytes of the state pytree's leaves).
 
@@ -115,7 +117,7 @@ def step_part(args):
     for name, cfg in (("ssm", ssm_cfg(args, max_ctx + 64)), ("attn", attn_cfg(args, max_ctx + 64))):
         model = build(cfg)
         params = jax.device_put(init_params(model, jax.random.key(0)))
-        models[name] = (model, params)
+        models[name] = (model, params, None)
         emit(f"ssm_decode/step/{name}/model", "params", n_params(params), d_model=cfg.d_model,
              layers=cfg.num_layers, vocab=cfg.vocab_size, dtype=cfg.dtype,
              **({"ssm": {k: getattr(cfg.ssm, k) for k in ("num_heads", "head_dim", "state_size", "n_groups",
@@ -123,8 +125,9 @@ def step_part(args):
                 if name == "ssm" else
                 {"attention": {k: getattr(cfg.attention, k) for k in ("num_heads", "num_kv_heads", "head_dim")},
                  "mlp_dim": cfg.mlp_dim}))
+    models["ssm_w0"] = (*models["ssm"][:2], 0)  # the same model with generate's state: rollback window 0
 
-    def make_case(model, params, ctx):
+    def make_case(model, params, ctx, window):
         # One compiled step per (model, state shape); the state is donated and reused in place.
         # The new state keeps the input's lengths, so every step decodes at this context.
         @functools.partial(jax.jit, donate_argnums=2)
@@ -132,7 +135,7 @@ def step_part(args):
             out = model.apply({"params": p}, tok, state=st)
             return out.logits_BTV, out.state.replace(lengths_B=st.lengths_B)
 
-        st = init_state(model.cfg, 1, ctx + 8).replace(lengths_B=jnp.full((1,), ctx, jnp.int32))
+        st = init_state(model.cfg, 1, ctx + 8, rollback_window=window).replace(lengths_B=jnp.full((1,), ctx, jnp.int32))
         if st.ssm is not None:
             st = st.replace(ssm=st.ssm.replace(floor_B=jnp.full((1,), ctx, jnp.int32)))
         tok = jnp.zeros((1, 1), jnp.int32)
@@ -150,9 +153,9 @@ def step_part(args):
         return run, state_bytes
 
     cases, state_bytes = {}, {}
-    for name, (model, params) in models.items():
+    for name, (model, params, window) in models.items():
         for ctx in args.contexts:
-            cases[(name, ctx)], state_bytes[(name, ctx)] = make_case(model, params, ctx)
+            cases[(name, ctx)], state_bytes[(name, ctx)] = make_case(model, params, ctx, window)
     times = interleaved({f"{n}@{c}": fn for (n, c), fn in cases.items()}, args.rounds, pause=0.05)
     per_step = {k: median(v) / args.steps for k, v in times.items()}
 
@@ -163,7 +166,7 @@ def step_part(args):
                  tokens_per_s=1 / per_step[f"{name}@{ctx}"], state_bytes=state_bytes[(name, ctx)],
                  rounds_s=times[f"{name}@{ctx}"], steps_per_round=args.steps)
         r = per_step[f"{name}@{hi}"] / per_step[f"{name}@{lo}"]
-        target = STEP_RATIO_TARGET if name == "ssm" and not args.quick else None
+        target = STEP_RATIO_TARGET if name != "attn" and not args.quick else None
         emit(f"ssm_decode/step/{name}/growth", f"seconds_per_token_ctx{hi}_over_ctx{lo}", r,
              baseline=per_step[f"{name}@{lo}"], ratio=r, target=target,
              met=None if target is None else r <= target,
@@ -172,7 +175,9 @@ def step_part(args):
     emit(f"ssm_decode/step/ctx{hi}", "ssm_over_attn_tokens_per_s", r, baseline=1 / per_step[f"attn@{hi}"], ratio=r,
          ssm_tokens_per_s=1 / per_step[f"ssm@{hi}"], attn_tokens_per_s=1 / per_step[f"attn@{hi}"],
          ssm_state_bytes=state_bytes[("ssm", hi)], attn_state_bytes=state_bytes[("attn", hi)],
-         state_bytes_attn_over_ssm=state_bytes[("attn", hi)] / state_bytes[("ssm", hi)])
+         state_bytes_attn_over_ssm=state_bytes[("attn", hi)] / state_bytes[("ssm", hi)],
+         ssm_w0_over_attn_tokens_per_s=per_step[f"attn@{hi}"] / per_step[f"ssm_w0@{hi}"],
+         ssm_w0_state_bytes=state_bytes[("ssm_w0", hi)])
 
 
 def hf_mamba2_pair(args):
