@@ -1,17 +1,17 @@
 """Mamba-2 decoding: constant per-token cost and state vs a transformer, and lmx vs `transformers` generate.
 
-Part 1 (`ssm_decode/step/...`): one jitted cached decode step `model.apply({"params": p}, tok_B1, state=state)`,
-batch 1, for a random-weight Mamba-2 (preset "mamba2-tiny" scaled up) and a Llama-style transformer of similar
-parameter count (preset "llama-tiny" scaled up), with the decode state's lengths set to each context (512,
-2048, 8192 by default). The transformer's state is `init_state(cfg, 1, ctx + 8)` (a KV cache of ctx + 8 slots);
-the SSM's state has the same size at every context, and the SSM is timed twice: `ssm` with the config's
-rollback window (4: rings of 5 states, what speculative decoding keeps) and `ssm_w0` with window 0 (one state
-slot per layer, the state `generate` uses). The state is donated and fed back each step with its
-lengths reset to the context (the step's in-place update, as in `generate`); cache values don't matter for
-timing. All (model, context) cases are timed interleaved (order alternating every round, medians of a block of
-steps per round). Reported: seconds per step at each context, the 8192/512 ratio for each case (SSM target
-<= 1.2), the SSM/transformer throughput ratio at the longest context, and decode-state bytes (sum of the
-nbytes of the state pytree's leaves).
+Part 1 (`ssm_decode/step/...`): cached decode steps `model.apply({"params": p}, tok_B1, state=state)` in one
+jitted fori_loop of --steps steps (each feeding its argmax token to the next, as in `generate`'s loop), batch 1,
+for a random-weight Mamba-2 (preset "mamba2-tiny" scaled up) and a Llama-style transformer of similar parameter
+count (preset "llama-tiny" scaled up), with the decode state's lengths set to each context (512, 2048, 8192 by
+default). The transformer's state is `init_state(cfg, 1, ctx + 8)` (a KV cache of ctx + 8 slots); the SSM's
+state has the same size at every context, and the SSM is timed twice: `ssm` with the config's rollback window
+(4: rings of 5 states, what speculative decoding keeps) and `ssm_w0` with window 0 (one state slot per layer,
+the state `generate` uses). The state is carried through the loop (donated between calls) with its lengths
+reset to the context every step; cache values don't matter for timing. All (model, context) cases are timed
+interleaved (order alternating every round; medians over rounds of one loop call). Reported: seconds per step
+at each context, the 8192/512 ratio for each case (SSM target <= 1.2), the SSM/transformer throughput ratio at
+the longest context, and decode-state bytes (sum of the nbytes of the state pytree's leaves).
 
 Part 2 (`ssm_decode/generate/...`): lmx `lmx.decoding.generate` vs `transformers` `Mamba2ForCausalLM.generate` on
 the same weights (a random HF Mamba2, `save_pretrained`, `lmx.models.load_hf`, split once into the decode layout
@@ -128,28 +128,31 @@ def step_part(args):
     models["ssm_w0"] = (*models["ssm"][:2], 0)  # the same model with generate's state: rollback window 0
 
     def make_case(model, params, ctx, window):
-        # One compiled step per (model, state shape); the state is donated and reused in place.
-        # The new state keeps the input's lengths, so every step decodes at this context.
+        # One compiled loop of --steps steps per (model, state shape), inside one program as in generate's loop
+        # (no per-token dispatch from Python); each step feeds its argmax token to the next, and keeps the input's
+        # lengths, so every step decodes at this context. The state is donated and reused in place.
+        params = unstack_layers(params)  # the decode layout, split once
+
         @functools.partial(jax.jit, donate_argnums=2)
-        def step(p, tok, st):
-            out = model.apply({"params": p}, tok, state=st)
-            return out.logits_BTV, out.state.replace(lengths_B=st.lengths_B)
+        def steps(p, tok_B1, st):
+            def body(_, carry):
+                tok_B1, st = carry
+                out = model.apply({"params": p}, tok_B1, state=st)
+                tok_B1 = jnp.argmax(out.logits_BTV[:, -1], axis=-1).astype(jnp.int32)[:, None]
+                return tok_B1, out.state.replace(lengths_B=st.lengths_B)
+
+            return jax.lax.fori_loop(0, args.steps, body, (tok_B1, st))
 
         st = init_state(model.cfg, 1, ctx + 8, rollback_window=window).replace(lengths_B=jnp.full((1,), ctx, jnp.int32))
         if st.ssm is not None:
             st = st.replace(ssm=st.ssm.replace(floor_B=jnp.full((1,), ctx, jnp.int32)))
-        tok = jnp.zeros((1, 1), jnp.int32)
-        box = {"st": st}
+        box = {"tok": jnp.zeros((1, 1), jnp.int32), "st": st}
         state_bytes = nbytes(st)
 
-        def run(n=args.steps):
-            st = box["st"]
-            for _ in range(n):
-                logits, st = step(params, tok, st)
-            jax.block_until_ready(logits)
-            box["st"] = st
+        def run():
+            box["tok"], box["st"] = jax.block_until_ready(steps(params, box["tok"], box["st"]))
 
-        run(2)  # compile + warm up
+        run()  # compile + warm up
         return run, state_bytes
 
     cases, state_bytes = {}, {}
