@@ -88,6 +88,37 @@ def interleaved(sides: dict[str, Callable[[], object]], rounds: int, pause: floa
     return times
 
 
+def op_profile(fn: Callable[[], object], per_call: int) -> dict[str, float]:
+    """XLA:CPU op time of one call of fn, from a jax.profiler trace: for each kind of compiled op (the op's name
+    without its numeric suffix: `ynn_fusion` = matmuls and reductions handed to XLA's ynn library, `dot`,
+    `..._fusion` = fused elementwise loops, `copy`, `wrapped_scatter`, ...), the microseconds summed over the ops
+    that ran at least `per_call` times (the body of a loop of that many iterations), divided by `per_call`.
+    Includes the profiler's own overhead per op, so compare kinds within one profile, not with wall times."""
+    import gzip
+    import re
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            fn()
+        path = next(os.path.join(d, f) for d, _, fs in os.walk(tmp) for f in fs if f.endswith(".trace.json.gz"))
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    not_ops = ("$", "end:")
+    events = [e for e in events if not e["name"].startswith(not_ops)
+              and not any(w in e["name"] for w in ("Thunk", "Slinky", "Pjit", "Threadpool", "PjRt"))]
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e["name"]] = counts.get(e["name"], 0) + 1
+    kinds: dict[str, float] = {}
+    for e in events:
+        if counts[e["name"]] >= per_call:
+            kind = re.sub(r"\.\d+$", "", e["name"])
+            kinds[kind] = kinds.get(kind, 0.0) + e["dur"] / per_call
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

@@ -27,6 +27,7 @@ generated step at each thread count (its generate median / new tokens).
     python -m benchmarks.ssm_decode            # both parts (~4-6 min on a loaded 2-core CPU)
     python -m benchmarks.ssm_decode --quick    # smoke run
     python -m benchmarks.ssm_decode --skip_step --bounds   # part 2 only, with the per-step bounds
+    python -m benchmarks.ssm_decode --skip_step --profile  # part 2 with lmx's op time per step by op kind
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks._common import emit, environment, interleaved, median, timed
+from benchmarks._common import emit, environment, interleaved, median, op_profile, timed
 from lmx.decoding import Greedy, generate
 from lmx.models import build, init_params, init_state, load_hf, preset, unstack_layers
 
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--skip_generate", action="store_true", help="skip part 2")
     p.add_argument("--bounds", action="store_true", help="part 2: also time lmx's prefill and step, and a "
                    "dense floor of the step (weight matmuls only)")
+    p.add_argument("--profile", action="store_true", help="part 2: also profile lmx's generate per batch: XLA "
+                   "op time per decode step by op kind (benchmarks._common.op_profile)")
     p.add_argument("--quick", action="store_true", help="small models, short contexts: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -306,6 +309,13 @@ def generate_part(args):
                  **{f"{k}_step_ms": med[k] / N * 1e3 for k in med if k != "lmx"},
                  lmx_tokens_per_s_at_state_floor=B * N / (prefill + (N - 1) * state_floor),
                  lmx_tokens_per_s_at_dense_floor=B * N / (prefill + (N - 1) * floor))
+        if args.profile:
+            kinds_us = op_profile(run_lmx, N - 1)  # the decode loop runs N - 1 steps
+            total = sum(kinds_us.values())
+            emit(f"ssm_decode/generate/b{B}/profile", "op_us_per_step", total, steps=N - 1,
+                 note="XLA op time per decode step by op kind, profiler overhead included",
+                 **{f"{k}_us": v for k, v in list(kinds_us.items())[:12]},
+                 **{f"{k}_share": v / total for k, v in list(kinds_us.items())[:6]})
 
 
 def main(argv=None):

@@ -57,10 +57,11 @@ def _segsum(log_decay):
 
 
 def _step(h_BNHZ, dtx_BNH, dtA_BN, B_BGZ, C_BGZ=None):
-    """One step on discretised inputs; C=None skips the output."""
-    N = h_BNHZ.shape[1]
-    h_BNHZ = jnp.exp(dtA_BN)[..., None, None] * h_BNHZ + dtx_BNH[..., None] * _heads(B_BGZ, N, 1)[:, :, None, :]
-    y_BNH = None if C_BGZ is None else jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BGZ, N, 1))
+    """One step on discretised inputs; C=None skips the output. Extra leading axes broadcast (ring_step runs it
+    on a one-slot ring [B, 1, N, H, Z])."""
+    N = h_BNHZ.shape[-3]
+    h_BNHZ = jnp.exp(dtA_BN)[..., None, None] * h_BNHZ + dtx_BNH[..., None] * _heads(B_BGZ, N, -2)[..., None, :]
+    y_BNH = None if C_BGZ is None else jnp.einsum("...NHZ,...NZ->...NH", h_BNHZ, _heads(C_BGZ, N, -2))
     return y_BNH, h_BNHZ
 
 
@@ -223,19 +224,17 @@ def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
     A one-slot ring (rollback window 0, as `generate` uses) is updated elementwise in its own [B, 1, ...] shape:
     XLA then computes it in place; computed as [B, N, H, Z] and written into slot 0, it was copied every step."""
     dt_BN = dt_BN.astype(F32)
+    dtx_BNH, dtA_BN, B_BGZ = computed_once(x_BNH.astype(F32) * dt_BN[..., None]), dt_BN * A_N, computed_once(
+        B_BGZ.astype(F32))
     if ssm_BQNHZ.shape[1] == 1:
-        N = ssm_BQNHZ.shape[2]
-        live_B = (lengths_B > 0).reshape(-1, 1, 1, 1, 1)
-        decay_B1N11 = jnp.exp(dt_BN * A_N).reshape(-1, 1, N, 1, 1)
-        inp_BNHZ = computed_once(x_BNH.astype(F32) * dt_BN[..., None])[..., None] * computed_once(
-            _heads(B_BGZ.astype(F32), N, 1))[:, :, None, :]
-        ssm_BQNHZ = decay_B1N11 * jnp.where(live_B, ssm_BQNHZ, 0.0) + inp_BNHZ[:, None]
-        return jnp.einsum("BNHZ,BNZ->BNH", ssm_BQNHZ[:, 0], _heads(C_BGZ.astype(F32), N, 1)), ssm_BQNHZ
-    _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), computed_once(x_BNH.astype(F32) * dt_BN[..., None]),
-                      dt_BN * A_N, computed_once(B_BGZ.astype(F32)))
-    ssm_BQNHZ = ring_write(ssm_BQNHZ, lengths_B, h_BNHZ)
-    if ssm_BQNHZ.shape[0] == 1:
-        h_BNHZ = ring_read(ssm_BQNHZ, lengths_B)
+        h_B1NHZ = jnp.where((lengths_B > 0).reshape(-1, 1, 1, 1, 1), ssm_BQNHZ, 0.0)  # an empty row starts at 0
+        _, ssm_BQNHZ = _step(h_B1NHZ, dtx_BNH[:, None], dtA_BN[:, None], B_BGZ[:, None])
+        h_BNHZ = ssm_BQNHZ[:, 0]
+    else:
+        _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), dtx_BNH, dtA_BN, B_BGZ)
+        ssm_BQNHZ = ring_write(ssm_BQNHZ, lengths_B, h_BNHZ)
+        if ssm_BQNHZ.shape[0] == 1:
+            h_BNHZ = ring_read(ssm_BQNHZ, lengths_B)
     return jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BGZ.astype(F32), h_BNHZ.shape[1], 1)), ssm_BQNHZ
 
 

@@ -106,8 +106,8 @@ class SSMPending:
 @flax.struct.dataclass
 class SSMCache:
     """Mamba-2 layers' rings, one buffer per SSM layer (in layer_pattern order) in each tuple field. Like
-    Mamba3Cache: the rings come first (the fields of `from_layers`), then floor_B and the pending record of the
-    last multi-token call."""
+    Mamba3Cache: the rings come first (the fields `ssm_cache_from_layers` fills), then floor_B and the pending
+    record of the last multi-token call."""
 
     conv_BWY: tuple[jax.Array, ...]  # ring of conv inputs
     ssm_BQNHZ: tuple[jax.Array, ...]  # ring of states (f32)
