@@ -1,19 +1,29 @@
 """Checkpoints: a thin wrapper over orbax's CheckpointManager.
 
 Each step directory holds the TrainState pytree (`state`) and a small JSON (`data`) with the position of
-the data iterator. Orbax writes into a temporary directory and renames it when complete, so a killed
-run leaves either a whole checkpoint or none; `keep` bounds how many are retained (oldest deleted).
+the data iterator. Orbax writes into a temporary directory (`<step>.orbax-checkpoint-tmp-<time>`) and, when
+complete, writes `commit_success.txt` into it and renames it to `<step>`, so a killed run leaves a whole
+checkpoint or a temporary directory that is never read. A step counts only if its directory holds
+`commit_success.txt` (on stores without atomic rename, e.g. GCS, that file is the only sign a save finished):
+a `<step>` directory without it (a save cut short there, or a copy cut short) is skipped, and moved aside to
+`<step>.incomplete-<time>`, untouched, when this run saves that step again. `keep` bounds how many are
+retained (oldest deleted).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import SingleDeviceSharding
+
+# Steps are listed only once committed (see the module docstring); saving is unchanged (atomic rename locally).
+_COMMITTED_STEPS = ocp.step.standard_name_format(temporary_path_cls=ocp.path.atomicity.CommitFileTemporaryPath)
 
 
 class Checkpointer:
@@ -26,7 +36,8 @@ class Checkpointer:
         self.every = every
         # The interval is checked here (orbax would also save the first step it sees, whatever it is).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               step_name_format=_COMMITTED_STEPS)
         # Handlers named up front, so a fresh manager can read an existing directory's metadata.
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -36,8 +47,20 @@ class Checkpointer:
         arrays are copied to host before this returns, so the caller may donate `state` afterwards."""
         if not force and step % self.every:
             return False
+        self._move_aside_incomplete(int(step))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
         return self._mgr.save(int(step), args=args, force=True)
+
+    def _move_aside_incomplete(self, step: int):
+        """An uncommitted `<step>` directory (skipped on restore) would block the rename that finishes
+        this save; it is renamed, not deleted: nothing on disk is removed or overwritten."""
+        path = self.directory / str(step)
+        if not path.exists() or step in self._mgr.all_steps():
+            return
+        aside = path.with_name(f"{step}.incomplete-{time.time_ns()}")
+        path.rename(aside)
+        logging.warning("checkpoint directory %s has no commit_success.txt (a save that did not finish); "
+                        "moved it to %s before saving step %d again", path, aside, step)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -56,6 +79,12 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state) -> tuple[Any, dict[str, Any]] | None:
         step = self.latest_step()
+        complete = set(self.all_steps())
+        skipped = sorted(int(p.name) for p in self.directory.iterdir()
+                         if p.name.isdigit() and p.is_dir() and int(p.name) not in complete)
+        if skipped:
+            logging.warning("skipping uncommitted checkpoint steps %s in %s (no commit_success.txt); latest "
+                            "complete step: %s", skipped, self.directory, step)
         return None if step is None else self.restore(step, abstract_state)
 
     def _check_shapes(self, step: int, target):

@@ -147,3 +147,35 @@ def test_bad_input_fails_early_naming_the_value(tiny, prompts, kw, match):
     kw = dict(max_new_tokens=NEW) | kw
     with pytest.raises(ValueError, match=match):
         generate(model, params, prompts, **kw)
+
+
+def test_sampled_steps_draw_with_fresh_keys(tiny):
+    """With flat logits (final norm scale 0: every logit is 0) each draw is uniform over the vocabulary, so a
+    sample repeats one token for 24 steps, or two rows agree everywhere, only if a step's key repeats."""
+    model, params = tiny("llama-tiny")
+    flat = {**params, "final_norm": jax.tree.map(jnp.zeros_like, params["final_norm"])}
+    g = generate(model, flat, PROMPTS, max_new_tokens=24, sampler=Sampler(), rng=jax.random.key(3), num_samples=4)
+    rows = np.asarray(g.tokens_BRT).reshape(-1, 24)
+    assert all(len(set(row.tolist())) > 1 for row in rows)  # per row: steps differ
+    assert len({tuple(row) for row in rows}) == len(rows)  # rows differ
+    np.testing.assert_allclose(g.logprobs_BRT, -np.log(model.cfg.vocab_size), rtol=1e-5)
+
+
+def test_sampled_logprobs_are_of_the_tempered_untruncated_distribution(tiny):
+    """logprobs_BRT[b, r, t] = log softmax(logits / τ)[token] of the model's logits at that position, recomputed
+    by a teacher-forced forward over prompt + sample (what RL's importance ratios rely on)."""
+    model, params = tiny("llama-tiny")
+    temperature = 0.7
+    g = generate(model, params, PROMPTS, max_new_tokens=6, sampler=Sampler(temperature, top_k=5),
+                 rng=jax.random.key(4), num_samples=2)
+    forward = jax.jit(lambda t: model.apply({"params": params}, t).logits_BTV)
+    for b, prompt in enumerate(PROMPTS):
+        for r in range(2):
+            n = int(g.lengths_BR[b, r])
+            sample_T = np.asarray(g.tokens_BRT[b, r, :n])
+            seq = np.concatenate([prompt, sample_T])[None].astype(np.int32)
+            logits_TV = np.asarray(forward(seq))[0, len(prompt) - 1: len(prompt) - 1 + n]
+            want = np.asarray(jax.nn.log_softmax(logits_TV / temperature))[np.arange(n), sample_T]
+            np.testing.assert_allclose(g.logprobs_BRT[b, r, :n], want, atol=1e-4)
+            assert not np.allclose(want, np.asarray(jax.nn.log_softmax(logits_TV))[np.arange(n), sample_T],
+                                   atol=1e-3)  # τ matters on these tokens: untempered log-probs would fail

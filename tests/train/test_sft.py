@@ -146,6 +146,57 @@ def test_evaluate_scores_generations(setup):
     assert out["gen_tokens"] == np.mean([s["gen_tokens"] for s in out["samples"]])
 
 
+def test_evaluate_scores_known_completions(monkeypatch):
+    """`evaluate` on generations whose right and wrong answers are known: a stub stands in for
+    `lmx.decoding.generate` and emits chosen token rows, so the exact scores, accuracy and token counts
+    are fixed in advance (an untrained model scores 0 whatever evaluate does)."""
+    import lmx.decoding
+    import lmx.train.sft
+    from lmx.decoding import Generation, Greedy
+
+    task = get_task("arithmetic", num_digits=(1, 1))
+    max_new = 24
+    unfinished = f"<answer>18</answer><think>{'x' * (max_new - 5)}"  # 24 tokens, no eos: cut off at max_new
+    cases = [  # (a, b, generated text, eos?, score, tokens between <think> and </think>)
+        (3, 4, "<think>3+4=7</think><answer>7</answer>", True, 1.0, 5),  # right
+        (2, 5, "<think>2+5=8</think><answer>8</answer>", True, 0.0, 5),  # wrong
+        (9, 9, unfinished, False, 1.0, max_new - 5),  # right, never stopped; the think is unclosed
+        (1, 0, "<answer>1", True, 0.0, 0),  # right number but no </answer>
+        (6, 2, "<answer> 8 </answer>", True, 1.0, 0),  # right (whitespace stripped)
+    ]
+    problems = [task.make(a, b, "+") for a, b, *_ in cases]
+    rows = {(TOK.bos_id, *TOK.encode(p.prompt)): TOK.encode(text) + [TOK.eos_id] * eos
+            for p, (_, _, text, eos, *_) in zip(problems, cases, strict=True)}
+    assert all(len(r) <= max_new for r in rows.values()) and len(rows) == len(cases)
+    model, params, calls = object(), object(), []
+
+    def fake_generate(model_, params_, prompts, *, max_new_tokens, sampler, stop_tokens, **kwargs):
+        assert model_ is model and params_ is params
+        assert max_new_tokens == max_new and sampler == Greedy() and tuple(stop_tokens) == (TOK.eos_id,)
+        calls.append(len(prompts))
+        out = [rows[tuple(p)] for p in prompts]
+        tokens = np.full((len(out), 1, max_new_tokens), TOK.pad_id, np.int32)
+        for i, r in enumerate(out):
+            tokens[i, 0, : len(r)] = r
+        return Generation(tokens_BRT=jnp.asarray(tokens), lengths_BR=jnp.array([[len(r)] for r in out], jnp.int32),
+                          logprobs_BRT=jnp.zeros(tokens.shape, jnp.float32),
+                          finished_BR=jnp.array([[r[-1] == TOK.eos_id] for r in out]), stats={})
+
+    monkeypatch.setattr(lmx.decoding, "generate", fake_generate)
+    monkeypatch.setattr(lmx.train.sft, "generate", fake_generate, raising=False)  # if ever imported at top
+    out = evaluate(model, params, task, TOK, problems, max_new_tokens=max_new, batch_size=2)
+    assert calls == [2, 2, 2]  # 5 problems in fixed batches of 2, the last padded
+
+    assert [s["score"] for s in out["samples"]] == [c[4] for c in cases]
+    assert out["accuracy"] == 0.6
+    assert [s["completion"] for s in out["samples"]] == [c[2] for c in cases]  # eos dropped from the text
+    assert [(s["prompt"], s["answer"]) for s in out["samples"]] == [(p.prompt, p.answer) for p in problems]
+    gen_tokens = [len(TOK.encode(c[2])) + c[3] for c in cases]  # the eos counts
+    assert [s["gen_tokens"] for s in out["samples"]] == gen_tokens == [11, 11, 24, 3, 6]
+    assert [s["cot_tokens"] for s in out["samples"]] == [c[5] for c in cases]
+    assert out["gen_tokens"] == np.mean(gen_tokens) and out["cot_tokens"] == np.mean([c[5] for c in cases])
+
+
 def test_mamba3_packed_matches_padded_and_trains():
     """SFT on Mamba-3 SSM layers: packed segments reset the state (packed loss == padded loss), and train steps
     lower the loss."""

@@ -1,20 +1,27 @@
+"""Tiny models with fixed random weights, shared by the whole suite (tests import `tiny_model`; the `tiny`
+fixture in conftest.py hands out the same function)."""
+
 import functools
 
 import jax
 import numpy as np
-import pytest
 
 import lmx.models as lm
 
 
-@functools.cache
-def _tiny(name: str):
-    """(model, params): the exact pytree `init_params` builds, filled with seeded numpy normals.
+def tiny_model(name: str, **overrides):
+    """(model, params) for preset `name` (with config fields overridden): the exact pytree `init_params` builds,
+    filled with seeded numpy normals.
 
     Calling init_params itself costs 4-9 s of CPU per preset here (compiling its threefry draws); decoding
     tests only need fixed random weights of the right structure.
     """
-    model = lm.build(lm.preset(name))
+    return _tiny(name, tuple(sorted(overrides.items())))
+
+
+@functools.cache
+def _tiny(name: str, overrides: tuple):
+    model = lm.build(lm.preset(name, **dict(overrides)))
     shapes = jax.eval_shape(lambda: lm.init_params(model, jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
 
@@ -28,9 +35,3 @@ def _tiny(name: str):
         return noise / np.sqrt(model.cfg.d_model)
 
     return model, jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    """tiny(preset_name) -> (model, params), built once per session."""
-    return _tiny

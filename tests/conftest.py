@@ -1,0 +1,43 @@
+import pytest
+
+from tests.tiny import tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(preset_name, **config_overrides) -> (model, params), each built once per session."""
+    return tiny_model
+
+
+# No silent skips: an install without the test extra would turn the HF parity tests (importorskip) into skips and
+# leave the run green. A skipped test fails the session unless it carries @pytest.mark.allowed_skip (e.g. a
+# GPU-only test on a CPU machine); the skip summary is printed either way (-rs in pyproject's addopts).
+_unexpected_skips = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allowed_skip: this test may be skipped without failing the run")
+
+
+def _record(report):
+    if report.skipped and not hasattr(report, "wasxfail") and "allowed_skip" not in getattr(report, "keywords", {}):
+        _unexpected_skips.append(report.nodeid or str(report.fspath))
+
+
+def pytest_runtest_logreport(report):
+    _record(report)
+
+
+def pytest_collectreport(report):
+    _record(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.write_line(f"{len(_unexpected_skips)} unexpected skip(s) (not marked allowed_skip), failing "
+                                    f"the run: {sorted(set(_unexpected_skips))}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and exitstatus == 0:
+        session.exitstatus = 1
