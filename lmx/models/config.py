@@ -100,7 +100,7 @@ class SSMConfig:
     mimo_rank: int = 1  # R: rank of the per-head input/output projections (1 = SISO)
     rope_fraction: float = 0.5  # share of the Z state channels that rotate: A = int(Z·rope_fraction) // 2 angles
     rope: str | None = None  # rotary pairs: "interleaved" (2j, 2j+1) or "halves" (j, j+Z/2); None: by mimo_rank
-    A_floor: float = 1e-4  # A = min(-softplus(·), -A_floor): every step decays at least this much
+    A_floor: float = 1e-4  # A = min(-f(·), -A_floor), f the reference heavy tail: every step decays at least this much
 
     VARIANT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "mamba2": ("n_groups", "conv_width", "use_bias", "use_conv_bias", "dt_limit"),

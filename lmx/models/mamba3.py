@@ -498,6 +498,12 @@ def _rms(v, eps):
     return v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
 
 
+def _heavy_tail(v):
+    """The reference's ``heavy_tail_activation`` for the data-dependent A (state-spaces/mamba c69aaab, which
+    replaced softplus for stability): 1 + v for v >= 0, 1 / (1 − v) for v < 0 (positive, C¹ at 0)."""
+    return jnp.maximum(v, 0.0) + 1.0 / (1.0 - jnp.minimum(v, 0.0))
+
+
 def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
     """Inverse-softplus of Δ ~ log-uniform[dt_min, dt_max] (clamped at floor), as in Mamba-2/3."""
 
@@ -514,8 +520,9 @@ class Mamba3Mixer(nn.Module):
 
     Follows ``mamba_ssm/modules/mamba3.py`` (with ``is_outproj_norm=True``, ``ngroups=1``): from x the
     in-projection makes z, x [N, H], B, C [R, Z], and per head dd_Δ, dd_A, λ-logit, plus A angle logits shared
-    by the heads; Δ = softplus(dd_Δ + dt_bias), A = min(−softplus(dd_A), −A_floor), λ = sigmoid(·),
-    ω = π·tanh(·); B, C are RMS-normed over Z, then get a per-(head, rank) bias (init 1). No short conv.
+    by the heads; Δ = softplus(dd_Δ + dt_bias), A = min(−f(dd_A), −A_floor) with the reference's heavy-tail f
+    (`_heavy_tail`; softplus before state-spaces/mamba c69aaab), λ = sigmoid(·), ω = π·tanh(·); B, C are
+    RMS-normed over Z, then get a per-(head, rank) bias (init 1), before the rotation. No short conv.
     MIMO (mimo_rank > 1) adds W_x, W_z, W_o [N, R, H]: X[r] = x ⊙ W_x[r], the output of rank r is
     RMSNorm_H(y[r]) ⊙ silu(z ⊙ W_z[r]), and the ranks are summed with weights W_o[r].
 
@@ -614,7 +621,7 @@ class Mamba3Mixer(nn.Module):
                                              ("heads",)), (N,), f32)
         dd_BTN3 = dd_BTN3.astype(f32)
         dt_BTN = jax.nn.softplus(dd_BTN3[..., 0] + dt_bias_N)
-        A_BTN = jnp.minimum(-jax.nn.softplus(dd_BTN3[..., 1]), -self.A_floor)
+        A_BTN = jnp.minimum(-_heavy_tail(dd_BTN3[..., 1]), -self.A_floor)
         lam_BTN = jax.nn.sigmoid(dd_BTN3[..., 2])
         omega_BTNA = jnp.broadcast_to((math.pi * jnp.tanh(ang_BTA.astype(f32)))[:, :, None], (*x.shape[:2], N, A))
 
