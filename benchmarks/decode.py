@@ -44,7 +44,8 @@ from benchmarks._common import (
     timed,
 )
 from lmx.decoding import Greedy, cost, generate
-from lmx.models import init_state, unstack_layers
+from lmx.decoding.generate import decode_step
+from lmx.models import decode_params, init_state
 
 TARGETS = {1: 3.0, 16: 8.0}  # lmx / transformers tokens/s, from the issue
 ROOFLINE_TARGET = 0.60
@@ -224,7 +225,7 @@ def weight_copies_per_step(compiled_text: str, params) -> tuple[int, int]:
 def profile(args, model, params):
     """Where does a decode step's time go? For each batch size, all lmx-side and timed interleaved (medians):
       lmx      `generate`, per token;
-      step     one jitted `model.apply` decode step (decode layout, `unstack_layers`) at the average context
+      step     one jitted decode step (`lmx.decoding.generate.decode_step` on `decode_params`) at the average context
                (state not donated);
       step_8x  the same with a cache of 8x the slots holding the same keys: the cost of empty slots;
       dense    the bare weight matmuls, layers unrolled, one array per weight (XLA's dense floor);
@@ -250,8 +251,8 @@ def profile(args, model, params):
         return jnp.argmax(x_BD @ head_DV, axis=-1)
 
     head_only = jax.jit(lambda w, x: jnp.argmax(x @ w, axis=-1))
-    step = jax.jit(lambda p, tok, st: model.apply({"params": p}, tok, state=st).logits_BTV)
-    step_params = jax.jit(unstack_layers)(params)
+    step = jax.jit(lambda p, tok, st: decode_step(model, p, tok[:, 0], st)[0])
+    step_params = decode_params(model, params)
 
     rng = np.random.default_rng(1)
     for B in args.batches:

@@ -15,7 +15,7 @@ the longest context, and decode-state bytes (sum of the nbytes of the state pytr
 
 Part 2 (`ssm_decode/generate/...`): lmx `lmx.decoding.generate` vs `transformers` `Mamba2ForCausalLM.generate` on
 the same weights (a random HF Mamba2, `save_pretrained`, `lmx.models.load_hf`, split once into the decode layout
-with `unstack_layers`, as a serving loop would), greedy, exactly `--new_tokens` new tokens (no eos), batch 1 and
+with `decode_params`, as a serving loop would), greedy, exactly `--new_tokens` new tokens (no eos), batch 1 and
 8; generated tokens must be identical. transformers runs at torch threads = nproc and 1; the faster is the
 baseline (conservative). Target: lmx >= 5x tokens/s.
 With `--bounds`, per batch also (`ssm_decode/generate/b{B}/bounds`): lmx's prefill and per-step time (generate
@@ -46,7 +46,8 @@ import torch
 
 from benchmarks._common import emit, environment, interleaved, median, op_profile, timed
 from lmx.decoding import Greedy, generate
-from lmx.models import build, init_params, init_state, load_hf, preset, unstack_layers
+from lmx.decoding.generate import decode_step
+from lmx.models import build, decode_params, init_params, init_state, load_hf, preset
 
 STEP_RATIO_TARGET = 1.2  # SSM step time at the longest context / shortest, from the issue
 GENERATE_TARGET = 5.0  # lmx / transformers tokens/s
@@ -134,21 +135,21 @@ def step_part(args):
         # One compiled loop of --steps steps per (model, state shape), inside one program as in generate's loop
         # (no per-token dispatch from Python); each step feeds its argmax token to the next, and keeps the input's
         # lengths, so every step decodes at this context. The state is donated and reused in place.
-        params = unstack_layers(params)  # the decode layout, split once
+        params = decode_params(model, params)  # split per layer once
 
         @functools.partial(jax.jit, donate_argnums=2)
         def steps(p, tok_B1, st):
             def body(_, carry):
                 tok_B1, st = carry
-                out = model.apply({"params": p}, tok_B1, state=st)
-                tok_B1 = jnp.argmax(out.logits_BTV[:, -1], axis=-1).astype(jnp.int32)[:, None]
-                return tok_B1, out.state.replace(lengths_B=st.lengths_B)
+                logits_BV, new = decode_step(model, p, tok_B1[:, 0], st)
+                tok_B1 = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)[:, None]
+                return tok_B1, new.replace(lengths_B=st.lengths_B)
 
             return jax.lax.fori_loop(0, args.steps, body, (tok_B1, st))
 
         st = init_state(model.cfg, 1, ctx + 8, rollback_window=window).replace(lengths_B=jnp.full((1,), ctx, jnp.int32))
-        if st.ssm is not None:
-            st = st.replace(ssm=st.ssm.replace(floor_B=jnp.full((1,), ctx, jnp.int32)))
+        st = st.replace(layers=tuple(x.replace(floor_B=jnp.full((1,), ctx, jnp.int32)) if hasattr(x, "floor_B") else x
+                                     for x in st.layers))
         box = {"tok": jnp.zeros((1, 1), jnp.int32), "st": st}
         state_bytes = nbytes(st)
 
@@ -245,7 +246,7 @@ def floor_seconds(params, batch: int, ssm_dims=None, steps: int = 200, repeats: 
 
 def generate_part(args):
     hf, model, params = hf_mamba2_pair(args)
-    decode_params = unstack_layers(params)  # split once at load, as a serving loop would (see unstack_layers)
+    split = decode_params(model, params)  # split once at load (generate would also split once per params object)
     P, N = args.prompt_len, args.new_tokens
     emit("ssm_decode/generate/model", "params", n_params(params), hf_params=sum(p.numel() for p in hf.parameters()),
          d_model=args.hidden, layers=args.ssm_layers, vocab=args.vocab, state_size=args.state_size,
@@ -259,7 +260,7 @@ def generate_part(args):
         outputs = {}
 
         def run_lmx(tokens_BT=tokens_BT, lengths_B=lengths_B, outputs=outputs):
-            gen = generate(model, decode_params, (tokens_BT, lengths_B), max_new_tokens=N, sampler=Greedy())
+            gen = generate(model, split, (tokens_BT, lengths_B), max_new_tokens=N, sampler=Greedy())
             outputs["lmx"] = np.asarray(gen.tokens_BRT[:, 0])
 
         def make_hf(threads, ids=ids, outputs=outputs):
@@ -294,7 +295,7 @@ def generate_part(args):
              **{f"tokens_per_s_{k}": v for k, v in tps.items() if k != "lmx"},
              **{f"{k}_s": v for k, v in times.items()})
         if args.bounds:
-            one = lambda: generate(model, decode_params, (tokens_BT, lengths_B), max_new_tokens=1,  # noqa: B023
+            one = lambda: generate(model, split, (tokens_BT, lengths_B), max_new_tokens=1,  # noqa: B023
                                    sampler=Greedy()).tokens_BRT.block_until_ready()
             one()
             t1 = interleaved({"one": one, "all": run_lmx}, args.rounds)

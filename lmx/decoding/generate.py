@@ -1,8 +1,16 @@
 """`generate`: one jitted program that prefills every prompt once, shares that prefix across R samples, then
 decodes in a `lax.while_loop` that exits as soon as a stop predicate holds.
 
+It is assembled from pieces that every other decoding loop (speculative decoding, search, RL rollouts) reuses:
+- host side: `prepare_prompts` (validate, pad, size the cache) before anything is traced;
+- `prefill` (prompts once, right-padded, rolled back to their true lengths) and `decode_step` (one token per row)
+  on params split once per params object (`lmx.models.decode_params`);
+- `Record` with `append`: each row's generated tokens and log-probs, written at the row's own length, a stop
+  token ending the row, the max_new_tokens budget respected;
+- stop predicates (`AllFinished`, `MOfRFinished`) and `keep_going`;
+- `base_stats`: the stats every algorithm reports (listed on `Generation`).
 Inside the program the B prompts × R samples are flattened into X = B·R rows, row b·R + r (the order of
-`lmx.models.repeat`). The host side (plain Python) validates and pads prompts before anything is traced.
+`lmx.models.repeat`).
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ import numpy as np
 
 from lmx.decoding import cost
 from lmx.decoding.sampling import Greedy, Sampler, sample, token_logprobs
-from lmx.models.lm import check_tokens, unstack_layers
-from lmx.models.state import init_state, repeat, truncate
+from lmx.models.lm import DecodeParams, check_tokens, decode_params, forward
+from lmx.models.state import DecodeState, init_state, repeat, truncate
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compilation
 
@@ -52,24 +60,96 @@ class Generation:
     lengths_BR: jax.Array  # int32: tokens generated per sample, the stop token included
     logprobs_BRT: jax.Array  # float32: log-prob of each token (see sampling.token_logprobs); 0 where padded
     finished_BR: jax.Array  # bool: the sample emitted a stop token
-    # 0-d arrays. tokens_generated, model_calls (prefill = 1), decode_steps, prompt_tokens (once per prompt);
-    # flops: forward FLOPs the generation needs (each prompt once, then one position per generated token
-    # but the last; excludes padding and the masked work on finished rows), flops_per_token = flops /
-    # tokens_generated; kv_bytes: bytes of the KV cache allocated for all B·R rows; ssm_state_bytes: the SSM
-    # layers' state for all rows (constant in length; one state slot per layer, no rollback window);
-    # state_bytes: their sum (see lmx.decoding.cost).
+    # 0-d arrays, the same keys in every decoding algorithm (speculative decoding adds its own):
+    # tokens_generated, model_calls (prefill = 1), decode_steps, prompt_tokens (once per prompt);
+    # flops: forward FLOPs the generation needs (each prompt once, then the positions the model was run on;
+    # excludes padding and the masked work on finished rows), flops_per_token = flops / tokens_generated;
+    # kv_bytes: bytes of the KV cache allocated for all B·R rows; ssm_state_bytes: the SSM layers' state for all
+    # rows (constant in length; its rings as the algorithm sized them); state_bytes: their sum (lmx.decoding.cost);
+    # overflow: rows whose state ran out of positions (0 unless max_len was too small; their tokens are garbage).
     stats: dict[str, jax.Array]
 
 
 @flax.struct.dataclass
-class _Loop:
-    step: jax.Array  # tokens sampled so far (per row, all rows move together)
-    state: object  # DecodeState over X rows
-    last_X: jax.Array  # the token fed to the next model call
+class Record:
+    """Each row's generated tokens so far: tokens_XT (pad_id past the row's length), logprobs_XT (0 there),
+    lengths_X, finished_X (emitted a stop token)."""
+
     tokens_XT: jax.Array
     logprobs_XT: jax.Array
     lengths_X: jax.Array
     finished_X: jax.Array
+
+    @classmethod
+    def empty(cls, X: int, max_new_tokens: int, pad_id: int) -> Record:
+        return cls(jnp.full((X, max_new_tokens), pad_id, jnp.int32), jnp.zeros((X, max_new_tokens), jnp.float32),
+                   jnp.zeros((X,), jnp.int32), jnp.zeros((X,), bool))
+
+    def alive(self) -> jax.Array:
+        """Rows that may still take tokens: not finished, budget left."""
+        return ~self.finished_X & (self.lengths_X < self.tokens_XT.shape[1])
+
+    def append(self, tokens_XK, logprobs_XK, count_X, stop_S, pad_id: int) -> tuple[Record, jax.Array]:
+        """Append each row's first count_X of K candidate tokens, stopping after a stop token and at the budget;
+        finished rows take none. Returns (record, tokens taken per row)."""
+        X, K = tokens_XK.shape
+        j_K = jnp.arange(K)
+        take_XK = (j_K < count_X[:, None]) & self.alive()[:, None] & (
+            self.lengths_X[:, None] + j_K < self.tokens_XT.shape[1])
+        stop_XK = (jnp.isin(tokens_XK, stop_S) if stop_S.size else jnp.zeros_like(take_XK)) & take_XK
+        take_XK &= jnp.cumsum(stop_XK, axis=1) - stop_XK == 0  # nothing after the first stop token
+        taken_X = jnp.sum(take_XK, axis=1, dtype=jnp.int32)
+        rows_XK, pos_XK = jnp.broadcast_to(jnp.arange(X)[:, None], (X, K)), self.lengths_X[:, None] + j_K
+        # Positions past a row's taken tokens still hold pad / 0, so writing pad / 0 there changes nothing;
+        # positions past the buffer are dropped.
+        tokens_XT = self.tokens_XT.at[rows_XK, pos_XK].set(jnp.where(take_XK, tokens_XK, pad_id), mode="drop")
+        logprobs_XT = self.logprobs_XT.at[rows_XK, pos_XK].set(jnp.where(take_XK, logprobs_XK, 0.0), mode="drop")
+        return Record(tokens_XT, logprobs_XT, self.lengths_X + taken_X,
+                      self.finished_X | jnp.any(stop_XK & take_XK, axis=1)), taken_X
+
+
+def keep_going(record: Record, stop_when, B: int) -> jax.Array:
+    """Some row can still take tokens, and the stop predicate does not hold yet."""
+    return jnp.any(record.alive()) & ~stop_when(record.finished_X.reshape(B, -1))
+
+
+def prefill(model, params: DecodeParams, tokens_BT, lengths_B, state: DecodeState):
+    """Run right-padded prompts once: (each row's last-position logits [B, V], the state at the true lengths)."""
+    out = forward(model, params, tokens_BT, state, logits_at_B=lengths_B - 1)
+    return out.logits_BTV[:, 0], truncate(out.state, lengths_B)
+
+
+def decode_step(model, params: DecodeParams, tokens_X, state: DecodeState):
+    """One token per row: (logits_XV of the next position, state)."""
+    out = forward(model, params, tokens_X[:, None], state)
+    return out.logits_BTV[:, 0], out.state
+
+
+def base_stats(cfg, lengths_B, R: int, record: Record, *, model_calls, decode_steps, flops, max_len: int,
+               rollback_window: int, overflow_X) -> dict[str, jax.Array]:
+    """The stats every decoding algorithm reports (see Generation)."""
+    X = lengths_B.shape[0] * R
+    tokens_generated = jnp.sum(record.lengths_X)
+    kv_bytes = X * max_len * cost.kv_bytes_per_token(cfg)
+    ssm_bytes = X * cost.ssm_state_bytes_per_row(cfg, rollback_window=rollback_window)
+    return {
+        "tokens_generated": tokens_generated,
+        "model_calls": jnp.int32(model_calls),
+        "decode_steps": jnp.int32(decode_steps),
+        "prompt_tokens": jnp.sum(lengths_B),
+        "flops": flops,
+        "flops_per_token": flops / jnp.maximum(tokens_generated, 1),
+        "kv_bytes": jnp.float32(kv_bytes),
+        "ssm_state_bytes": jnp.float32(ssm_bytes),
+        "state_bytes": jnp.float32(kv_bytes + ssm_bytes),
+        "overflow": jnp.sum(overflow_X, dtype=jnp.int32),
+    }
+
+
+def to_generation(record: Record, B: int, stats) -> Generation:
+    R, T = record.tokens_XT.shape[0] // B, record.tokens_XT.shape[1]
+    return Generation(record.tokens_XT.reshape(B, R, T), record.lengths_X.reshape(B, R),
+                      record.logprobs_XT.reshape(B, R, T), record.finished_X.reshape(B, R), stats)
 
 
 def _int_at_least(name: str, value, low: int) -> int:
@@ -114,6 +194,60 @@ def _host_prompts(prompts, vocab_size: int) -> tuple[list[np.ndarray], np.ndarra
     return rows, np.array([len(r) for r in rows], np.int32)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Host-side, validated arguments of a decoding call: right-padded prompts (padded to a multiple of
+    PROMPT_BUCKET, so nearby lengths share one compilation), their true lengths and the cache size."""
+
+    tokens_BT: np.ndarray
+    lengths_B: np.ndarray
+    max_new_tokens: int
+    num_samples: int
+    stop_tokens: tuple[int, ...]
+    pad_id: int
+    max_len: int
+
+
+def prepare(cfg, prompts, *, max_new_tokens, sampler, stop_tokens, rng, num_samples, stop_when, max_len, pad_id,
+            extra_positions: int = 0) -> Prepared:
+    """Validate a decoding call's arguments (clear errors naming the values) and pad its prompts. A loop whose
+    calls run up to `extra_positions` past the last kept token (speculative verification) reserves them."""
+    max_new_tokens = _int_at_least("max_new_tokens", max_new_tokens, 1)
+    num_samples = _int_at_least("num_samples", num_samples, 1)
+    if not isinstance(sampler, (Greedy, Sampler)):
+        raise TypeError(f"sampler must be Greedy() or Sampler(...), got {sampler!r}")
+    if rng is None and not sampler.is_greedy:
+        raise ValueError(f"rng is required for {sampler}; only greedy decoding may pass rng=None")
+    if not callable(stop_when):
+        raise TypeError(f"stop_when must be callable (AllFinished(), MOfRFinished(m)), got {stop_when!r}")
+    if isinstance(stop_when, MOfRFinished) and stop_when.m > num_samples:
+        raise ValueError(f"MOfRFinished(m={stop_when.m}) can never hold with num_samples={num_samples}")
+    stop_tokens = tuple(sorted({operator.index(t) for t in stop_tokens}))
+    check_tokens(np.array(stop_tokens, np.int64), cfg.vocab_size, what="stop_tokens")
+    pad_id = operator.index(pad_id)
+    check_tokens(np.array([pad_id]), cfg.vocab_size, what=f"pad_id={pad_id}")
+
+    rows, lengths_B = _host_prompts(prompts, cfg.vocab_size)
+    longest = int(lengths_B.max())
+    bucketed = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    need = longest + max_new_tokens + extra_positions
+    if max_len is None:
+        max_len, origin = min(bucketed + max_new_tokens + extra_positions, cfg.max_seq_len), "the model's max_seq_len"
+    else:
+        max_len, origin = _int_at_least("max_len", max_len, 1), "max_len"
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if need > max_len:
+        i = int(np.argmax(lengths_B))
+        extra = f" (+{extra_positions} for verification)" if extra_positions else ""
+        raise ValueError(f"prompt {i} has {longest} tokens; with max_new_tokens={max_new_tokens}{extra} it needs "
+                         f"{need} cache positions, but the cache holds max_len={max_len} ({origin})")
+    tokens_BT = np.full((len(rows), min(bucketed, max_len)), pad_id, np.int32)
+    for i, row in enumerate(rows):
+        tokens_BT[i, : len(row)] = row
+    return Prepared(tokens_BT, lengths_B, max_new_tokens, num_samples, stop_tokens, pad_id, max_len)
+
+
 def generate(
     model, params, prompts, *, max_new_tokens: int,
     sampler: Greedy | Sampler = Greedy(),  # noqa: B008 (frozen dataclasses: immutable defaults)
@@ -134,44 +268,13 @@ def generate(
       max_seq_len).
 
     One jit call; compilations are cached on (model, sampler, stop tokens, num_samples, stop_when,
-    max_new_tokens, max_len, pad_id) and the padded shapes.
+    max_new_tokens, max_len, pad_id) and the padded shapes. The params are split per layer once per params
+    object (lmx.models.decode_params), not per call.
     """
-    cfg = model.cfg
-    max_new_tokens = _int_at_least("max_new_tokens", max_new_tokens, 1)
-    num_samples = _int_at_least("num_samples", num_samples, 1)
-    if not isinstance(sampler, (Greedy, Sampler)):
-        raise TypeError(f"sampler must be Greedy() or Sampler(...), got {sampler!r}")
-    if rng is None and not sampler.is_greedy:
-        raise ValueError(f"rng is required for {sampler}; only greedy decoding may pass rng=None")
-    if not callable(stop_when):
-        raise TypeError(f"stop_when must be callable (AllFinished(), MOfRFinished(m)), got {stop_when!r}")
-    if isinstance(stop_when, MOfRFinished) and stop_when.m > num_samples:
-        raise ValueError(f"MOfRFinished(m={stop_when.m}) can never hold with num_samples={num_samples}")
-    stop_tokens = tuple(sorted({operator.index(t) for t in stop_tokens}))
-    check_tokens(np.array(stop_tokens, np.int64), cfg.vocab_size, what="stop_tokens")
-    pad_id = operator.index(pad_id)
-    check_tokens(np.array([pad_id]), cfg.vocab_size, what=f"pad_id={pad_id}")
-
-    rows, lengths_B = _host_prompts(prompts, cfg.vocab_size)
-    longest = int(lengths_B.max())
-    bucketed = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    if max_len is None:
-        max_len, origin = min(bucketed + max_new_tokens, cfg.max_seq_len), "the model's max_seq_len"
-    else:
-        max_len, origin = _int_at_least("max_len", max_len, 1), "max_len"
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-    if longest + max_new_tokens > max_len:
-        i = int(np.argmax(lengths_B))
-        raise ValueError(f"prompt {i} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
-                         f"{longest + max_new_tokens} cache positions, but the cache holds max_len={max_len} "
-                         f"({origin})")
-    tokens_BT = np.full((len(rows), min(bucketed, max_len)), pad_id, np.int32)
-    for i, row in enumerate(rows):
-        tokens_BT[i, : len(row)] = row
-
-    fn = _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_tokens, max_len, pad_id)
-    return fn(params, tokens_BT, lengths_B, jax.random.key(0) if rng is None else rng)
+    p = prepare(model.cfg, prompts, max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens,
+                rng=rng, num_samples=num_samples, stop_when=stop_when, max_len=max_len, pad_id=pad_id)
+    fn = _compiled(model, sampler, p.stop_tokens, p.num_samples, stop_when, p.max_new_tokens, p.max_len, p.pad_id)
+    return fn(decode_params(model, params), p.tokens_BT, p.lengths_B, jax.random.key(0) if rng is None else rng)
 
 
 _trace_count = 0  # bumped each time the program is traced; tests use it to prove there is no recompilation
@@ -182,78 +285,39 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
     cfg, R = model.cfg, num_samples
     stop_S = np.array(stop_tokens, np.int32)
 
-    def record(loop: _Loop, logits_XV, rng) -> _Loop:
-        """Sample position `loop.step` for every row; rows already finished record pad and log-prob 0."""
-        tok_X = sample(sampler, logits_XV, jax.random.fold_in(rng, loop.step))
+    def sample_into(record: Record, logits_XV, key):
+        tok_X = sample(sampler, logits_XV, key)
         logprob_X = token_logprobs(sampler, logits_XV, tok_X)
-        alive_X = ~loop.finished_X
-        tok_X = jnp.where(alive_X, tok_X, pad_id)
-        stopped_X = jnp.isin(tok_X, stop_S) if stop_tokens else jnp.zeros_like(alive_X)
-        return loop.replace(
-            step=loop.step + 1,
-            last_X=tok_X,
-            tokens_XT=loop.tokens_XT.at[:, loop.step].set(tok_X),
-            logprobs_XT=loop.logprobs_XT.at[:, loop.step].set(jnp.where(alive_X, logprob_X, 0.0)),
-            lengths_X=loop.lengths_X + alive_X,
-            finished_X=loop.finished_X | (alive_X & stopped_X),
-        )
+        record, _ = record.append(tok_X[:, None], logprob_X[:, None], jnp.ones_like(tok_X), stop_S, pad_id)
+        return record, tok_X
 
     def run(params, tokens_BT, lengths_B, rng) -> Generation:
         global _trace_count
         _trace_count += 1
         B = tokens_BT.shape[0]
         X = B * R
+        # Prefill each prompt once, then share it R ways. No rollback window: generate never rolls back past its
+        # prefill, so each SSM layer keeps one state slot, updated in place every step.
+        logits_BV, state = prefill(model, params, tokens_BT, lengths_B, init_state(cfg, B, max_len,
+                                                                                  rollback_window=0))
+        record, last_X = sample_into(Record.empty(X, max_new_tokens, pad_id), jnp.repeat(logits_BV, R, axis=0),
+                                     jax.random.fold_in(rng, 0))
 
-        # Prefill each prompt once (right-padded, so roll back to the true lengths), then share it R ways.
-        # The decode layout (see unstack_layers) serves the prefill and the loop; params already in it are not
-        # copied. No rollback_window: generate never rolls back past its prefill (the truncate below folds the
-        # pending prefill), so each SSM layer keeps one state slot, updated in place every step.
-        step_params = unstack_layers(params)
-        out = model.apply({"params": step_params}, tokens_BT, state=init_state(cfg, B, max_len, rollback_window=0),
-                          logits_at_B=lengths_B - 1)
-        last_logits_BV = out.logits_BTV[:, 0]
-        state = repeat(truncate(out.state, lengths_B), R)
-        loop = _Loop(
-            step=jnp.int32(0), state=state, last_X=jnp.zeros((X,), jnp.int32),
-            tokens_XT=jnp.full((X, max_new_tokens), pad_id, jnp.int32),
-            logprobs_XT=jnp.zeros((X, max_new_tokens), jnp.float32),
-            lengths_X=jnp.zeros((X,), jnp.int32), finished_X=jnp.zeros((X,), bool),
-        )
-        loop = record(loop, jnp.repeat(last_logits_BV, R, axis=0), rng)
+        def body(carry):
+            step, state, last_X, record = carry
+            # Finished rows are fed too (static shapes); `append` ignores what they sample.
+            logits_XV, state = decode_step(model, params, last_X, state)
+            record, last_X = sample_into(record, logits_XV, jax.random.fold_in(rng, step))
+            return step + 1, state, last_X, record
 
-        def keep_going(loop: _Loop):
-            return (loop.step < max_new_tokens) & ~stop_when(loop.finished_X.reshape(B, R))
-
-        def decode_step(loop: _Loop) -> _Loop:
-            # Finished rows are fed too (static shapes); their outputs are masked in `record`.
-            out = model.apply({"params": step_params}, loop.last_X[:, None], state=loop.state)
-            return record(loop.replace(state=out.state), out.logits_BTV[:, 0], rng)
-
-        loop = jax.lax.while_loop(keep_going, decode_step, loop)
+        cond = lambda carry: keep_going(carry[3], stop_when, B)
+        step, state, _, record = jax.lax.while_loop(cond, body, (jnp.int32(1), repeat(state, R), last_X, record))
 
         prompt_len_X = jnp.repeat(lengths_B, R)
-        tokens_generated = jnp.sum(loop.lengths_X)
         flops = (jnp.sum(cost.forward_flops(cfg, 0, lengths_B))
-                 + jnp.sum(cost.forward_flops(cfg, prompt_len_X, prompt_len_X + loop.lengths_X - 1)))
-        kv_bytes = X * max_len * cost.kv_bytes_per_token(cfg)
-        ssm_bytes = X * cost.ssm_state_bytes_per_row(cfg, rollback_window=0)
-        stats = {
-            "tokens_generated": tokens_generated,
-            "model_calls": loop.step,  # the prefill, then one call per token after the first
-            "decode_steps": loop.step - 1,
-            "prompt_tokens": jnp.sum(lengths_B),
-            "flops": flops,
-            "flops_per_token": flops / jnp.maximum(tokens_generated, 1),
-            "kv_bytes": jnp.float32(kv_bytes),
-            "ssm_state_bytes": jnp.float32(ssm_bytes),
-            "state_bytes": jnp.float32(kv_bytes + ssm_bytes),
-        }
-        return Generation(
-            tokens_BRT=loop.tokens_XT.reshape(B, R, max_new_tokens),
-            lengths_BR=loop.lengths_X.reshape(B, R),
-            logprobs_BRT=loop.logprobs_XT.reshape(B, R, max_new_tokens),
-            finished_BR=loop.finished_X.reshape(B, R),
-            stats=stats,
-        )
+                 + jnp.sum(cost.forward_flops(cfg, prompt_len_X, prompt_len_X + record.lengths_X - 1)))
+        stats = base_stats(cfg, lengths_B, R, record, model_calls=step, decode_steps=step - 1, flops=flops,
+                           max_len=max_len, rollback_window=0, overflow_X=state.overflow_B)
+        return to_generation(record, B, stats)
 
     return jax.jit(run)

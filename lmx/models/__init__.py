@@ -1,25 +1,32 @@
 """Models: configs, the decoder LM (attention, Mamba-2, Mamba-3 and hybrids), decode state, Hugging Face interop."""
 
+from lmx.models.attention import KVState
 from lmx.models.config import AttentionConfig, ModelConfig, RopeScaling, SSMConfig, preset, preset_names
 from lmx.models.hf import config_from_hf, config_to_hf, load_hf, save_hf
-from lmx.models.lm import LM, LMOutput, build, check_tokens, init_params, unstack_layers
-from lmx.models.state import (
-    DecodeState,
-    KVCache,
-    Mamba3Cache,
-    Mamba3Pending,
-    SSMCache,
-    SSMPending,
-    init_state,
-    repeat,
-    select,
-    truncate,
+from lmx.models.lm import (
+    LM,
+    Ctx,
+    DecodeParams,
+    LMOutput,
+    build,
+    check_tokens,
+    decode_params,
+    embed,
+    forward,
+    head,
+    init_params,
+    make_ctx,
+    run_layers,
 )
+from lmx.models.mamba3 import Mamba3LayerState, Mamba3Pending
+from lmx.models.ssm import Mamba2LayerState, Mamba2Pending
+from lmx.models.state import DecodeState, init_state, repeat, select, truncate
 
 __all__ = [
     "AttentionConfig", "ModelConfig", "RopeScaling", "SSMConfig", "preset", "preset_names",
     "config_from_hf", "config_to_hf", "load_hf", "save_hf",
-    "LM", "LMOutput", "build", "check_tokens", "init_params", "unstack_layers",
-    "DecodeState", "KVCache", "Mamba3Cache", "Mamba3Pending", "SSMCache", "SSMPending", "init_state", "repeat",
-    "select", "truncate",
+    "LM", "Ctx", "DecodeParams", "LMOutput", "build", "check_tokens", "decode_params", "embed", "forward", "head",
+    "init_params", "make_ctx", "run_layers",
+    "DecodeState", "KVState", "Mamba2LayerState", "Mamba2Pending", "Mamba3LayerState", "Mamba3Pending", "init_state",
+    "repeat", "select", "truncate",
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lmx.models.backend import write_slots
 from lmx.models.config import ModelConfig
 from lmx.models.layers import apply_rope, dense_init, rope_inv_freq
 
@@ -40,9 +42,7 @@ def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, sm_scale: float):
 
 
 def cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS, sm_scale: float):
-    """Attention over one layer's KV cache. The layouts make both products plain batched matmuls over the
-    leading (B, K) axes with the cache as the untransposed right operand, so XLA:CPU reads it where it lies
-    (profiled: a [B, S, K, H] cache was transposed and copied every decode step)."""
+    """Attention over one layer's KV buffers (KVState's layouts)."""
     B, T, N, H = q_BTNH.shape
     K = k_BKHS.shape[1]
     q_BKGTH = jnp.transpose(q_BTNH.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
@@ -53,29 +53,39 @@ def cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS, sm_scale: float):
     return jnp.transpose(o_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 
-def write_cache(cache, new_BTKH, start_B, slot_axis: int):
-    """Write each row's T new entries at slots start_B + t along `slot_axis` of a [B, ...] cache: a scatter
-    that XLA performs in place on a loop-carried or donated buffer. Callers must check there is room: with
-    "drop" or "clip" semantics XLA reads the old value to select and copies the whole cache every step."""
-    B, T = new_BTKH.shape[:2]
-    if B == 1:  # XLA would turn the scatter into a bounds-checked DUS that copies the cache; a plain DUS is in place
-        new = jnp.moveaxis(new_BTKH, 1, slot_axis)
-        start = [0] * cache.ndim
-        start[slot_axis] = start_B[0]
-        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
-    index = [slice(None)] * cache.ndim
-    index[0] = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    index[slot_axis] = start_B[:, None] + jnp.arange(T)[None, :]
-    return cache.at[tuple(index)].set(new_BTKH.astype(cache.dtype), mode="promise_in_bounds", unique_indices=True)
+@flax.struct.dataclass
+class KVState:
+    """One attention layer's decode state: its KV buffers. Slot s of row b holds the token at position s of that
+    row (no left padding), so a call writes at slots lengths_B + t; slots past a row's length are stale, masked by
+    attention and overwritten by the next write, so commit and rollback leave the buffers as they are. Keys are
+    stored [B, K, H, S] (slots last) and values [B, K, S, H]: both cached products are then plain batched matmuls
+    over (B, K) with the cache as the untransposed right operand, which XLA reads where it lies (a [B, S, K, H]
+    cache was transposed and copied every decode step on XLA:CPU; see benchmarks/RESULTS.md)."""
+
+    k_BKHS: jax.Array
+    v_BKSH: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, rollback_window: int | None = None) -> KVState:
+        a = cfg.attention
+        K, H = a.num_kv_heads, a.head_dim
+        return cls(jnp.zeros((batch, K, H, max_len), dtype), jnp.zeros((batch, K, max_len, H), dtype))
+
+    def commit(self, lengths_B) -> KVState:
+        return self
+
+    def rollback(self, lengths_B) -> KVState:
+        return self
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, slots_BT, cache=None, segment_ids_BT=None):
-        """cache: None (teacher-forced) or this layer's (k_BKHS, v_BKSH, lengths_B). Returns y_BTD and the
-        cache with this call's entries written at slots lengths_B + t (or None)."""
+    def __call__(self, x_BTD, positions_BT, slots_BT, state: KVState | None = None, lengths_B=None,
+                 segment_ids_BT=None):
+        """state: None (teacher-forced) or this layer's KVState at lengths_B. Returns y_BTD and the state with this
+        call's entries written at slots lengths_B + t (or None)."""
         cfg, a = self.cfg, self.cfg.attention
         D, N, K, H = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -98,20 +108,19 @@ class Attention(nn.Module):
         k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "heads", "head_dim"))
 
-        if cache is None:
+        if state is None:
             mask = attention_mask(slots_BT, slots_BT, window=a.sliding_window,
                                   q_seg_BT=segment_ids_BT, k_seg_BS=segment_ids_BT)
             o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
-            new_cache = None
+            new_state = None
         else:  # write this call's entries in place, then attend over the layer's cache (slot <= query slot)
-            k_BKHS, v_BKSH, lengths_B = cache
-            k_BKHS = write_cache(k_BKHS, k_BTKH, lengths_B, slot_axis=3)
-            v_BKSH = write_cache(v_BKSH, v_BTKH, lengths_B, slot_axis=2)
+            k_BKHS = write_slots(state.k_BKHS, k_BTKH, lengths_B, slot_axis=3)
+            v_BKSH = write_slots(state.v_BKSH, v_BTKH, lengths_B, slot_axis=2)
             B, S = x.shape[0], v_BKSH.shape[2]
             mask = attention_mask(slots_BT, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
                                   window=a.sliding_window)
             o_BTNH = cached_attention(q_BTNH, k_BKHS.astype(dt), v_BKSH.astype(dt), mask, 1.0 / math.sqrt(H))
-            new_cache = (k_BKHS, v_BKSH)
-        # As a 2-D matmul: with the einsum XLA:CPU transposed (copied) wo to suit o's layout at every step.
+            new_state = KVState(k_BKHS, v_BKSH)
+        # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).
         o_BTF = o_BTNH.reshape(*o_BTNH.shape[:2], N * H)
-        return o_BTF @ wo.reshape(N * H, D).astype(dt), new_cache
+        return o_BTF @ wo.reshape(N * H, D).astype(dt), new_state

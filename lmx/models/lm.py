@@ -1,4 +1,5 @@
-"""The decoder LM: embed -> scanned stack of pre-norm blocks -> final norm -> LM head.
+"""The decoder LM: embed -> scanned stack of pre-norm blocks -> final norm -> LM head, and the same layer loop
+in pieces for decoding (embed, run layers [a, b) with their states, head).
 
 Blocks: "attn" is attention + SwiGLU MLP; "ssm" is a Mamba-2 or Mamba-3 mixer alone (like HF Mamba2). The stack scans
 over repetitions of the layer pattern's shortest repeating unit, so params of a pattern ("ssm", "ssm", "ssm",
@@ -9,6 +10,7 @@ one-kind unit scans its block directly (params under layers/ with a leading L ax
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import Any
 
 import flax.linen as nn
@@ -17,20 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmx.models.attention import Attention
+from lmx.models.attention import Attention, KVState
 from lmx.models.config import ModelConfig, repeating_unit
 from lmx.models.layers import MLP, Embed, RMSNorm, dense_init
-from lmx.models.mamba3 import Mamba3Mixer
-from lmx.models.ssm import Mamba2Mixer
-from lmx.models.state import (
-    DecodeState,
-    KVCache,
-    Mamba3Cache,
-    SSMCache,
-    commit_pending,
-    pending_from_layers,
-    ssm_cache_from_layers,
-)
+from lmx.models.mamba3 import Mamba3LayerState, Mamba3Mixer
+from lmx.models.ssm import Mamba2LayerState, Mamba2Mixer
+from lmx.models.state import DecodeState
 
 
 @flax.struct.dataclass
@@ -38,6 +32,23 @@ class LMOutput:
     logits_BTV: jax.Array  # float32
     state: DecodeState | None
     aux: dict[str, Any]  # variants add entries (per-exit logits, ...); "hidden_BTD" is the final-normed stream
+
+
+@flax.struct.dataclass
+class Ctx:
+    """What every block sees besides its input and state: each token's RoPE position and cache slot, packed
+    segment ids (teacher-forced only) and each row's length before the call."""
+
+    positions_BT: jax.Array
+    slots_BT: jax.Array
+    lengths_B: jax.Array
+    segment_ids_BT: jax.Array | None = None
+
+
+def make_ctx(lengths_B, T: int, positions_BT=None, segment_ids_BT=None) -> Ctx:
+    """The context of a call of T tokens on rows of `lengths_B` positions (positions default to the slots)."""
+    slots_BT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return Ctx(slots_BT if positions_BT is None else positions_BT, slots_BT, lengths_B, segment_ids_BT)
 
 
 def check_tokens(tokens, vocab_size: int, what: str = "tokens"):
@@ -50,49 +61,59 @@ def check_tokens(tokens, vocab_size: int, what: str = "tokens"):
         raise ValueError(f"{what} contain ids {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab_size})")
 
 
-def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
+def _norm(cfg: ModelConfig, name: str | None = None) -> RMSNorm:
     return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
 
 
+# Every block: (x_BTD, layer_state | None, ctx) -> (x_BTD, layer_state | None), and `state_class(cfg)` names the
+# class of its layer state.
+
+
 class AttnBlock(nn.Module):
-    """Pre-norm attention + SwiGLU block. Blocks map (x_BTD, cache, ctx) -> (x_BTD, new cache): None without a
-    decode state; else this layer's (k_BKHS, v_BKSH) KV cache, or (conv, ssm) rings for an SSM block."""
+    """Pre-norm attention + SwiGLU block; its layer state is a KVState."""
 
     cfg: ModelConfig
 
+    @staticmethod
+    def state_class(cfg: ModelConfig):
+        return KVState
+
     @nn.compact
-    def __call__(self, x_BTD, kv, ctx):
-        positions_BT, slots_BT, segment_ids_BT, lengths_B = ctx
+    def __call__(self, x_BTD, state: KVState | None, ctx: Ctx):
         cfg = self.cfg
-        cache = None if kv is None else (*kv, lengths_B)
-        y_BTD, kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x_BTD), positions_BT, slots_BT, cache,
-                                                 segment_ids_BT)
+        y_BTD, state = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x_BTD), ctx.positions_BT, ctx.slots_BT,
+                                                   state, ctx.lengths_B, ctx.segment_ids_BT)
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BTD))
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
-        return x_BTD, kv
+        return nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed")), state
 
 
 class SSMBlock(nn.Module):
-    """Pre-norm residual SSM mixer (no MLP), Mamba-2 or Mamba-3 by cfg.ssm.variant. cache: None or this layer's
-    rings (one entry of SSMCache.rings / Mamba3Cache.rings)."""
+    """Pre-norm residual SSM mixer (no MLP), Mamba-2 or Mamba-3 by cfg.ssm.variant."""
 
     cfg: ModelConfig
 
+    @staticmethod
+    def state_class(cfg: ModelConfig):
+        return Mamba3LayerState if cfg.ssm.variant == "mamba3" else Mamba2LayerState
+
     @nn.compact
-    def __call__(self, x_BTD, cache, ctx):
-        _, _, segment_ids_BT, lengths_B = ctx
+    def __call__(self, x_BTD, state, ctx: Ctx):
         h_BTD = _norm(self.cfg, "norm")(x_BTD)
         if self.cfg.ssm.variant == "mamba3":
-            y_BTD, out = Mamba3Mixer.from_config(self.cfg, name="mixer").with_rings(h_BTD, cache, lengths_B,
-                                                                                   segment_ids_BT)
+            y_BTD, state = Mamba3Mixer.from_config(self.cfg, name="mixer").with_rings(h_BTD, state, ctx.lengths_B,
+                                                                                     ctx.segment_ids_BT)
         else:
-            y_BTD, out = Mamba2Mixer(self.cfg, name="mixer")(h_BTD, cache, lengths_B, segment_ids_BT)
-        x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed"))
-        return x_BTD, out
+            y_BTD, state = Mamba2Mixer(self.cfg, name="mixer")(h_BTD, state, ctx.lengths_B, ctx.segment_ids_BT)
+        return nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed")), state
 
 
 BLOCKS = {"attn": AttnBlock, "ssm": SSMBlock}
+
+
+def layer_state_classes(cfg: ModelConfig) -> tuple[type, ...]:
+    """The class of each layer's decode state, in layer_pattern order."""
+    return tuple(BLOCKS[kind].state_class(cfg) for kind in cfg.layer_pattern)
 
 
 class Unit(nn.Module):
@@ -108,77 +129,32 @@ class Unit(nn.Module):
         return x_BTD, None
 
 
-def _ssm_state(state: DecodeState, outs, T: int) -> SSMCache | Mamba3Cache:
-    """After one token the rings hold the new step; after more, the call is recorded as pending (state.py).
-    outs: each SSM layer's output (its rings, or its pending record)."""
-    ssm = state.ssm
-    if T > 1:
-        return ssm.replace(pending=pending_from_layers(ssm.pending_class, state.lengths_B, outs))
-    return ssm_cache_from_layers(type(ssm), outs, jnp.maximum(ssm.floor_B, state.lengths_B + 1 - ssm.rollback_window))
-
-
 class LM(nn.Module):
+    """model.apply({"params": params}, tokens_BT, positions_BT=None, state=None, segment_ids_BT=None,
+    logits_at_B=None) -> LMOutput. Without a state the layers run as one nn.scan over the stacked params
+    (training, teacher-forced scoring); with one, through the layer-loop pieces below (`forward`)."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, state: DecodeState | None = None, segment_ids_BT=None,
                  logits_at_B=None):
         """logits_at_B: optional int [B], one index into T per row; only those positions' logits are computed
-        (logits_BTV has T = 1). A prefill needs only each prompt's last position; the LM head over every
-        position is a large share of its FLOPs (23% on benchmarks.ssm_decode's model: vocab 4096, d_model 256)."""
+        (logits_BTV has T = 1): a prefill needs only each prompt's last position."""
         cfg = self.cfg
-        check_tokens(tokens_BT, cfg.vocab_size)
-        B, T = tokens_BT.shape
-        if logits_at_B is not None and not isinstance(logits_at_B, jax.core.Tracer):
-            at = np.asarray(logits_at_B)
-            if at.shape != (B,) or at.min() < 0 or at.max() >= T:
-                raise ValueError(f"logits_at_B={at.tolist()} must hold one index in [0, {T}) per row ({B} rows)")
-        offset_B = jnp.zeros((B,), jnp.int32) if state is None else state.lengths_B
-        slots_BT = offset_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        if positions_BT is None:
-            positions_BT = slots_BT
         if state is not None and segment_ids_BT is not None:
             raise ValueError("segment_ids_BT (packed sequences) is for teacher-forced calls, not with a decode state")
-        if state is not None and state.kv is not None and not isinstance(state.lengths_B, jax.core.Tracer):
-            longest = int(np.max(np.asarray(state.lengths_B)))  # KV writes past the cache would be undefined
-            if longest + T > state.max_len:
-                raise ValueError(f"a call of {T} tokens on a row of length {longest} needs {longest + T} cache "
-                                 f"positions, but the decode state holds max_len={state.max_len}")
-
+        if state is not None and not self.is_initializing():
+            # The same maths as the scan below, layer by layer on this call's slices of the stack (a copy on
+            # XLA:CPU); decoding loops split the params once instead (decode_params).
+            return forward(self, _split(self.cfg, self.variables["params"]), tokens_BT, state,
+                           positions_BT=positions_BT, logits_at_B=logits_at_B)
+        check_tokens(tokens_BT, cfg.vocab_size)
+        B, T = tokens_BT.shape
+        _check_logits_at(logits_at_B, B, T)
         embed = Embed(cfg, name="embed")
         x_BTD = embed(tokens_BT)
-        if state is not None and state.ssm is not None:
-            state = state.replace(ssm=commit_pending(state.ssm, state.lengths_B))  # fold the previous call
-        ctx = (positions_BT, slots_BT, segment_ids_BT, offset_B)
-        layers = None if self.is_initializing() else self.variables["params"].get("layers")
-        if state is None and not isinstance(layers, tuple):
-            x_BTD = self._stack(x_BTD, ctx)
-        else:  # with a decode state (or params in decode layout): the layers unrolled, see unstack_layers
-            if layers is None:  # initialising with a state: let the scan create the params first
-                self._stack(x_BTD, ctx)
-                layers = self.variables["params"]["layers"]
-            x_BTD, kv, ssm_out = self._unrolled(unstack_layers({"layers": layers})["layers"], x_BTD, state, ctx)
-        h_BTD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(x_BTD)
-        head_BTD = h_BTD
-        if logits_at_B is not None:
-            at_B1 = jnp.asarray(logits_at_B, jnp.int32).reshape(B, 1)
-            head_BTD = jnp.take_along_axis(h_BTD, at_B1[..., None], axis=1)
-
-        if cfg.tie_embeddings:
-            logits_BTV = embed.attend(head_BTD)
-        else:
-            w_DV = self.param("lm_head", dense_init(cfg.d_model, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
-                              jnp.dtype(cfg.param_dtype))
-            logits_BTV = head_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
-        new_state = None
-        if state is not None:
-            ssm = None if state.ssm is None else _ssm_state(state, ssm_out, T)
-            new_state = DecodeState(lengths_B=state.lengths_B + T, kv=kv, ssm=ssm)
-        return LMOutput(logits_BTV.astype(jnp.float32), new_state, {"hidden_BTD": h_BTD})
-
-    def _stack(self, x_BTD, ctx):
-        """Scan over repetitions of the pattern unit (no decode state: training, teacher-forced scoring)."""
-        cfg = self.cfg
+        ctx = make_ctx(jnp.zeros((B,), jnp.int32), T, positions_BT, segment_ids_BT)
         unit = repeating_unit(cfg.layer_pattern)
         block, args = (BLOCKS[unit[0]], (cfg,)) if len(unit) == 1 else (Unit, (cfg, unit))
         stack = nn.scan(
@@ -189,46 +165,153 @@ class LM(nn.Module):
             length=cfg.num_layers // len(unit),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(*args, name="layers")
-        return stack(x_BTD, None, ctx)[0]
-
-    def _unrolled(self, layers, x_BTD, state, ctx):
-        """The same blocks in a Python loop over per-repetition param trees, with static layer indices: each
-        layer's decode state (KV cache, SSM rings) is its own buffer, written in place and then read (no slicing
-        of a stack, no restacking)."""
-        unit = repeating_unit(self.cfg.layer_pattern)
-        kv = None if state is None else state.kv
-        ssm = None if state is None or state.ssm is None else state.ssm.rings
-        ks, vs, ssm_outs = [], [], []
-        for p in layers:
-            for i, kind in enumerate(unit):
-                block = BLOCKS[kind](self.cfg)
-                params = {"params": p if len(unit) == 1 else p[f"{kind}_{i}"]}
-                if kind == "attn":
-                    cache = None if kv is None else (kv.k_BKHS[len(ks)], kv.v_BKSH[len(ks)])
-                    x_BTD, out = block.apply(params, x_BTD, cache, ctx)
-                    ks.append(None if out is None else out[0])
-                    vs.append(None if out is None else out[1])
-                else:
-                    cache = None if ssm is None else ssm[len(ssm_outs)]
-                    x_BTD, out = block.apply(params, x_BTD, cache, ctx)
-                    ssm_outs.append(out)
-        new_kv = None if kv is None else KVCache(tuple(ks), tuple(vs))
-        return x_BTD, new_kv, None if ssm is None else tuple(ssm_outs)
+        x_BTD = stack(x_BTD, None, ctx)[0]
+        h_BTD = _norm(cfg, "final_norm")(x_BTD)
+        head_BTD = _rows_at(h_BTD, logits_at_B)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(head_BTD)
+        else:
+            w_DV = self.param("lm_head", dense_init(cfg.d_model, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
+                              jnp.dtype(cfg.param_dtype))
+            logits_BTV = head_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
+        if state is not None:  # initialising with a state: the params exist now
+            return forward(self, _split(cfg, self.variables["params"]), tokens_BT, state, positions_BT=positions_BT,
+                           logits_at_B=logits_at_B)
+        return LMOutput(logits_BTV.astype(jnp.float32), None, {"hidden_BTD": h_BTD})
 
 
-def unstack_layers(params):
-    """The decode layout of `params`: the stacked `params["layers"]` (leading axis = repetitions of the layer
-    pattern's unit, for nn.scan) split into a tuple of per-repetition trees. `model.apply` accepts either
-    layout with the same result. Inside a decode loop, XLA:CPU copies every layer's weights out of the stack
-    at every step (profiled: 100 MB per step on the 58M decode benchmark); `generate` therefore splits once per
-    call, before its prefill and loop. Costs one copy of the layer weights while the split params are alive; a
-    caller that generates repeatedly can split once (`params = unstack_layers(params)`) and pass that, which
-    generate uses as it is."""
-    layers = params["layers"]
-    if isinstance(layers, tuple):
+def _check_logits_at(logits_at_B, B: int, T: int):
+    if logits_at_B is not None and not isinstance(logits_at_B, jax.core.Tracer):
+        at = np.asarray(logits_at_B)
+        if at.shape != (B,) or at.min() < 0 or at.max() >= T:
+            raise ValueError(f"logits_at_B={at.tolist()} must hold one index in [0, {T}) per row ({B} rows)")
+
+
+def _rows_at(h_BTD, logits_at_B):
+    if logits_at_B is None:
+        return h_BTD
+    at_B11 = jnp.asarray(logits_at_B, jnp.int32).reshape(-1, 1, 1)
+    return jnp.take_along_axis(h_BTD, at_B11, axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The layer loop in pieces: embed; run layers [a, b) with their states; final norm + LM head. They take the
+# params split per layer (DecodeParams), which decoding loops make once per params object (decode_params).
+
+
+@flax.struct.dataclass
+class DecodeParams:
+    """A params tree split for decoding: `layers[l]` is layer l's param tree, sliced out of the stack (so a decode
+    step reads each layer's weights where they lie, instead of slicing the stack at every step, which XLA:CPU
+    does by copying); `rest` holds the embedding, final norm and head."""
+
+    rest: dict
+    layers: tuple
+
+
+def _split(cfg: ModelConfig, params) -> DecodeParams:
+    unit = repeating_unit(cfg.layer_pattern)
+    stacked = params["layers"]
+    layers = []
+    for l, kind in enumerate(cfg.layer_pattern):
+        tree = stacked if len(unit) == 1 else stacked[f"{kind}_{l % len(unit)}"]
+        layers.append(jax.tree.map(operator.itemgetter(l // len(unit)), tree))
+    return DecodeParams({k: v for k, v in params.items() if k != "layers"}, tuple(layers))
+
+
+_SPLITS: dict = {}  # id of every leaf -> (weak references to the leaves, DecodeParams)
+_MAX_SPLITS = 4
+
+
+def decode_params(model: nn.Module, params) -> DecodeParams:
+    """`params` split per layer for the layer-loop pieces: once per params object (cached on the identity of its
+    arrays while they are alive; at most _MAX_SPLITS are kept), so a loop that calls `generate` repeatedly on the
+    same params pays the copy once. A DecodeParams is returned as it is; under a trace the split is part of the
+    traced program."""
+    if isinstance(params, DecodeParams):
         return params
-    reps = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(operator.itemgetter(i), layers) for i in range(reps))}
+    leaves = jax.tree.leaves(params)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return _split(model.cfg, params)
+    key = (model.cfg, tuple(map(id, leaves)))
+    hit = _SPLITS.get(key)
+    if hit is not None and all(ref() is x for ref, x in zip(hit[0], leaves, strict=True)):
+        return hit[1]
+    for k in [k for k, (refs, _) in _SPLITS.items() if any(ref() is None for ref in refs)]:
+        del _SPLITS[k]  # entries of params that no longer exist
+    split = _split(model.cfg, params)
+    try:
+        refs = [weakref.ref(x) for x in leaves]
+    except TypeError:  # leaves that cannot be weakly referenced (Python scalars): not cached
+        return split
+    while len(_SPLITS) >= _MAX_SPLITS:
+        del _SPLITS[next(iter(_SPLITS))]
+    _SPLITS[key] = (refs, split)
+    return split
+
+
+def embed(model: nn.Module, params: DecodeParams, tokens_BT):
+    """Token embeddings x_BTD."""
+    return Embed(model.cfg).apply({"params": params.rest["embed"]}, tokens_BT)
+
+
+def run_layers(model: nn.Module, params: DecodeParams, x_BTD, states, ctx: Ctx, start: int = 0,
+               stop: int | None = None):
+    """Layers [start, stop) on x_BTD: `states` holds those layers' states (None: teacher-forced). Returns
+    (x_BTD, their new states, or None)."""
+    cfg = model.cfg
+    stop = cfg.num_layers if stop is None else stop
+    if not 0 <= start <= stop <= cfg.num_layers:
+        raise ValueError(f"run_layers: layers [{start}, {stop}) outside the model's {cfg.num_layers} layers")
+    if states is not None and len(states) != stop - start:
+        raise ValueError(f"run_layers: {len(states)} layer states for layers [{start}, {stop})")
+    new = []
+    for l in range(start, stop):
+        block = BLOCKS[cfg.layer_pattern[l]](cfg)
+        x_BTD, out = block.apply({"params": params.layers[l]}, x_BTD, None if states is None else states[l - start],
+                                 ctx)
+        new.append(out)
+    return x_BTD, None if states is None else tuple(new)
+
+
+def head(model: nn.Module, params: DecodeParams, x_BTD, logits_at_B=None):
+    """Final norm + LM head: (logits_BTV float32, the final-normed h_BTD). logits_at_B as in LM.__call__."""
+    cfg = model.cfg
+    h_BTD = _norm(cfg).apply({"params": params.rest["final_norm"]}, x_BTD)
+    head_BTD = _rows_at(h_BTD, logits_at_B)
+    if cfg.tie_embeddings:
+        logits_BTV = Embed(cfg).apply({"params": params.rest["embed"]}, head_BTD, method=Embed.attend)
+    else:
+        logits_BTV = head_BTD @ params.rest["lm_head"].astype(jnp.dtype(cfg.dtype))
+    return logits_BTV.astype(jnp.float32), h_BTD
+
+
+def check_room(state: DecodeState, T: int):
+    """Outside jit, refuse a call of T tokens that would write past max_len (inside jit: clamped and reported)."""
+    if not isinstance(state.lengths_B, jax.core.Tracer):
+        longest = int(np.max(np.asarray(state.lengths_B)))
+        if longest + T > state.max_len:
+            raise ValueError(f"a call of {T} tokens on a row of length {longest} needs {longest + T} cache "
+                             f"positions, but the decode state holds max_len={state.max_len}")
+
+
+def advance(state: DecodeState, layers: tuple, T: int) -> DecodeState:
+    """The state after a call of T tokens that left `layers`: lengths + T, rows that ran out of room flagged."""
+    return state.replace(lengths_B=state.lengths_B + T, layers=layers,
+                         overflow_B=state.overflow_B | (state.lengths_B + T > state.max_len))
+
+
+def forward(model: nn.Module, params: DecodeParams, tokens_BT, state: DecodeState, *, positions_BT=None,
+            logits_at_B=None) -> LMOutput:
+    """embed -> every layer with its state -> head: what model.apply computes with a state, on split params."""
+    check_tokens(tokens_BT, model.cfg.vocab_size)
+    B, T = tokens_BT.shape
+    _check_logits_at(logits_at_B, B, T)
+    check_room(state, T)
+    x_BTD, layers = run_layers(model, params, embed(model, params, tokens_BT), state.layers,
+                               make_ctx(state.lengths_B, T, positions_BT))
+    logits_BTV, h_BTD = head(model, params, x_BTD, logits_at_B)
+    return LMOutput(logits_BTV, advance(state, layers, T), {"hidden_BTD": h_BTD})
 
 
 def build(cfg: ModelConfig) -> nn.Module:

@@ -60,8 +60,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from lmx.models.backend import computed_once, ring_read, ring_write, write_before_read
 from lmx.models.layers import dense_init
-from lmx.models.ssm import _starts, computed_once, ring_read, ring_write
+from lmx.models.ssm import RingState, _starts
 
 TWO_PI = 2.0 * math.pi
 ROPE_LAYOUTS = ("interleaved", "halves")
@@ -490,6 +491,58 @@ def commit(rings, pending, start_B, valid_B):
     return rings
 
 
+@flax.struct.dataclass
+class Mamba3Pending:
+    """The not-yet-committed tokens of one Mamba-3 layer's last multi-token call (all f32): what `commit` folds."""
+
+    start_B: jax.Array  # int32: each row's length when the call started
+    x_BTNH: jax.Array
+    dt_BTN: jax.Array  # Δ
+    A_BTN: jax.Array
+    lam_BTN: jax.Array  # λ, the trapezoid's mixing weight
+    angle_BTNA: jax.Array  # θ mod 2π
+    K_BTMNZ: jax.Array  # rotated B
+    x_proj_BNMH: jax.Array | None = None  # the MIMO x-projection (a parameter), per row; None for M = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dt_BTN.shape[1]
+
+
+@flax.struct.dataclass
+class Mamba3LayerState(RingState):
+    """One Mamba-3 layer's decode state: rings of the last Q = rollback window + 1 per-position Mamba3States,
+    position p in slot p % Q, all f32 (A rotary angles, M MIMO rank), a rollback floor and the pending record of
+    a multi-token call, with the commit and rollback rules of ssm.RingState."""
+
+    ssm_BQNHZ: jax.Array  # h
+    angle_BQNA: jax.Array  # θ (mod 2π)
+    K_BQMNZ: jax.Array  # the position's rotated B: the next token's P_{t-1} = Σ_r x[r] K[r]ᵀ
+    x_BQNH: jax.Array  # the position's x (before the MIMO projection)
+    floor_B: jax.Array
+    pending: Mamba3Pending | None = None
+
+    @classmethod
+    def init(cls, cfg, batch: int, max_len: int, dtype, rollback_window: int | None = None):
+        s = cfg.ssm
+        Q = (s.rollback_window if rollback_window is None else rollback_window) + 1
+        ring = lambda *shape: jnp.zeros((batch, Q, *shape), jnp.float32)
+        N, H, Z = s.num_heads, s.head_dim, s.state_size
+        return cls(ring(N, H, Z), ring(N, s.num_angles), ring(s.mimo_rank, N, Z), ring(N, H),
+                   floor_B=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def rings(self) -> tuple:
+        return self.ssm_BQNHZ, self.angle_BQNA, self.K_BQMNZ, self.x_BQNH
+
+    def with_rings(self, rings):
+        return self.replace(**dict(zip(("ssm_BQNHZ", "angle_BQNA", "K_BQMNZ", "x_BQNH"), rings, strict=True)))
+
+    def _fold(self, p: Mamba3Pending, valid_B):
+        pending = (p.x_BTNH, p.dt_BTN, p.A_BTN, p.lam_BTN, p.angle_BTNA, p.K_BTMNZ, p.x_proj_BNMH)
+        return self.with_rings(commit(self.rings, pending, p.start_B, valid_B))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Linen mixer
 
@@ -560,30 +613,28 @@ class Mamba3Mixer(nn.Module):
     def num_angles(self) -> int:
         return int(self.state_size * self.rope_fraction) // 2
 
-    def with_rings(self, x_BTD, rings, lengths_B, segment_ids_BT=None):
-        """The LM's cache contract (as Mamba2Mixer's): rings None (teacher-forced) -> (y_BTD, None); rings at
-        lengths_B and one token -> (y_BTD, the rings with the new state written at lengths_B); more tokens ->
-        (y_BTD, the call's pending record), which `commit` folds into the rings once the valid lengths are
-        known (after `truncate`, or at the next call)."""
-        if rings is None:
+    def with_rings(self, x_BTD, state: Mamba3LayerState | None, lengths_B, segment_ids_BT=None):
+        """The LM's block contract (as Mamba2Mixer's): state None (teacher-forced) -> (y_BTD, None); a
+        Mamba3LayerState at lengths_B (a pending call committed first) and one token -> the state with the new
+        step written at lengths_B; more tokens -> the state with the call recorded as pending."""
+        if state is None:
             return self(x_BTD, segment_ids_BT=segment_ids_BT)[0], None
-        state = current_state(rings, lengths_B)
+        state = state.commit(lengths_B)
+        rings = state.rings
         if x_BTD.shape[1] == 1:
             written = []
 
-            def store_h(h_BNHZ):
-                # Write h into its ring before the output reads it, and for one row read it back from there, as
-                # ssm.ring_step does: otherwise XLA computed h in the in-place write and again for the output,
-                # read the old ring after the write, and copied the ring at every step (profiled).
-                ring = ring_write(rings[0], lengths_B, h_BNHZ)
+            def store_h(h_BNHZ):  # h written into its ring before the output reads it (backend.write_before_read)
+                ring, h_BNHZ = write_before_read(rings[0], lengths_B, h_BNHZ)
                 written.append(ring)
-                return ring_read(ring, lengths_B) if ring.shape[0] == 1 else h_BNHZ
+                return h_BNHZ
 
-            y_BTD, new_state = self(x_BTD, state, store_h=store_h)
-            rest = (new_state.angle_BNA, new_state.B_prev_BRNZ, new_state.x_prev_BNH)
-            return y_BTD, (written[0], *(ring_write(r, lengths_B, v) for r, v in zip(rings[1:], rest, strict=True)))
-        y_BTD, _, pending = self(x_BTD, state, return_pending=True)
-        return y_BTD, pending
+            y_BTD, new = self(x_BTD, current_state(rings, lengths_B), store_h=store_h)
+            rest = (new.angle_BNA, new.B_prev_BRNZ, new.x_prev_BNH)
+            rings = (written[0], *(ring_write(r, lengths_B, v) for r, v in zip(rings[1:], rest, strict=True)))
+            return y_BTD, state.with_rings(rings).stepped(lengths_B)
+        y_BTD, _, pending = self(x_BTD, current_state(rings, lengths_B), return_pending=True)
+        return y_BTD, state.replace(pending=Mamba3Pending(lengths_B, *pending))
 
     def _check(self):
         for name in ("d_model", "num_heads", "head_dim", "state_size", "mimo_rank", "chunk_size"):

@@ -18,18 +18,18 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
-from lmx.models.attention import write_cache
+from lmx.models.backend import computed_once, ring_read, ring_write, unroll_chunk_pass, write_before_read
 from lmx.models.config import ModelConfig
 from lmx.models.layers import dense_init
 
 F32 = jnp.float32
-UNROLL_PASS = 8  # chunk counts below which the chunked scan passes states by an unrolled recurrence
-SELECT_MAX = 1 << 16  # ring elements up to which ring_write selects instead of scattering
 
 
 def _heads(a, num_heads: int, axis: int):
@@ -132,10 +132,7 @@ def _chunked(dtx_BTNH, dtA_BTN, B_BTGZ, C_BTGZ, chunk_size, h0_BNHZ=None, segmen
     # chunks.
     h0_BNHZ = jnp.zeros((Bn, N, H, Z), F32) if h0_BNHZ is None else h0_BNHZ.astype(F32)
     last_BJ = jnp.concatenate([runs_BT[:, :1], last_BM], axis=1)
-    if M < UNROLL_PASS:
-        # Few chunks: the same sum as a recurrence, unrolled (elementwise). XLA:CPU ran the einsum below as a
-        # batched matmul of contraction M + 1 over N·H·Z rows: ~2 ms per layer (profiled) for one chunk of 8 rows
-        # x 32 tokens.
+    if unroll_chunk_pass(M):  # the same sum as a recurrence, unrolled (backend.py)
         afters = [h0_BNHZ]
         for m in range(M):
             keep_B = last_BJ[:, m + 1] == last_BJ[:, m]
@@ -166,7 +163,7 @@ def _chunked(dtx_BTNH, dtA_BTN, B_BTGZ, C_BTGZ, chunk_size, h0_BNHZ=None, segmen
 
 # ------------------------------------------------------------------------------------ decode-state rings
 # A row's conv ring (W slots) holds the conv input of position p in slot p % W; its state ring (Q slots) holds
-# the state after position p in slot p % Q. See lmx.models.state for the layout and the rollback rules.
+# the state after position p in slot p % Q (Mamba2LayerState below).
 
 
 def conv_window(conv_BWY, lengths_B, size: int):
@@ -182,47 +179,10 @@ def current_state(ssm_BQNHZ, lengths_B):
     return jnp.where((lengths_B > 0)[:, None, None, None], h_BNHZ, 0.0).astype(F32)
 
 
-def ring_write(ring_BQ, pos_B, value_B):
-    """Write each row's value into slot pos % Q of a [B, Q, ...] ring, in place, so a step moves one slot per row.
-    By shape (XLA:CPU's cheapest in-place form of each, profiled): one slot, a static update; one row, a
-    dynamic-update-slice; a small ring (<= SELECT_MAX elements: conv rings), a one-hot select over the slots,
-    because XLA:CPU's scatter runs element by element (~60 µs for an [8, 3, 640] ring); otherwise an in-bounds
-    scatter (lmx.models.attention.write_cache), where a select would read and write all Q slots. Read a ring
-    after writing it, or read only what the written value depends on: XLA copies a buffer that is read unordered
-    with its in-place write (profiled)."""
-    if ring_BQ.shape[1] == 1:
-        return ring_BQ.at[:, 0].set(value_B.astype(ring_BQ.dtype))
-    if ring_BQ.shape[0] > 1 and ring_BQ.size <= SELECT_MAX:
-        hit_BQ = (pos_B % ring_BQ.shape[1])[:, None] == jnp.arange(ring_BQ.shape[1])
-        hit_BQ = hit_BQ.reshape(hit_BQ.shape + (1,) * (ring_BQ.ndim - 2))
-        return jnp.where(hit_BQ, value_B[:, None].astype(ring_BQ.dtype), ring_BQ)
-    return write_cache(ring_BQ, value_B[:, None], pos_B % ring_BQ.shape[1], slot_axis=1)
-
-
-def ring_read(ring_BQ, pos_B):
-    """Each row's slot pos % Q of a [B, Q, ...] ring."""
-    if ring_BQ.shape[1] == 1:
-        return ring_BQ[:, 0]
-    return ring_BQ[jnp.arange(ring_BQ.shape[0]), pos_B % ring_BQ.shape[1]]
-
-
-def computed_once(a):
-    """`a` itself, through an identity gather on its last axis. XLA:CPU fuses cheap elementwise producers into
-    every consumer, even one that reads each element many times, and recomputes them there: the decode step's
-    outer product Δx Bᵀ (N·H·Z elements per row) recomputed the causal conv behind each Δx and B element Z or H
-    times (profiled: 5x the time of the state update itself). XLA never fuses a gather into such a consumer, so
-    `a` is computed once. Exact: a gather only moves values."""
-    return jnp.take(a, jnp.arange(a.shape[-1]), axis=-1, mode="clip")
-
-
 def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
     """`ssd_step` from the current state of a state ring, with the new state written into slot lengths % Q in place:
-    returns (y_BNH, ring). Same arithmetic as ssd_step. For one row the output reads the new state back from the
-    written ring: XLA fuses the state's computation into the in-place dynamic-update-slice, and where the state
-    also fed the output directly it computed it a second time there, reading the old ring after the write, so XLA
-    copied the ring at every step (profiled). The scatter of several rows takes the state computed once.
-    A one-slot ring (rollback window 0, as `generate` uses) is updated elementwise in its own [B, 1, ...] shape:
-    XLA then computes it in place; computed as [B, N, H, Z] and written into slot 0, it was copied every step."""
+    returns (y_BNH, ring). A one-slot ring (rollback window 0, as `generate` uses) is updated in its own
+    [B, 1, ...] shape, which XLA computes in place (a [B, N, H, Z] state written into slot 0 was copied)."""
     dt_BN = dt_BN.astype(F32)
     dtx_BNH, dtA_BN, B_BGZ = computed_once(x_BNH.astype(F32) * dt_BN[..., None]), dt_BN * A_N, computed_once(
         B_BGZ.astype(F32))
@@ -232,9 +192,7 @@ def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
         h_BNHZ = ssm_BQNHZ[:, 0]
     else:
         _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), dtx_BNH, dtA_BN, B_BGZ)
-        ssm_BQNHZ = ring_write(ssm_BQNHZ, lengths_B, h_BNHZ)
-        if ssm_BQNHZ.shape[0] == 1:
-            h_BNHZ = ring_read(ssm_BQNHZ, lengths_B)
+        ssm_BQNHZ, h_BNHZ = write_before_read(ssm_BQNHZ, lengths_B, h_BNHZ)
     return jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BGZ.astype(F32), h_BNHZ.shape[1], 1)), ssm_BQNHZ
 
 
@@ -274,6 +232,89 @@ def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64)
 
     (_, ssm_BQNHZ), _ = lax.scan(step, (h_BNHZ, ssm_BQNHZ), jnp.arange(Q))
     return conv_BWY, ssm_BQNHZ
+
+
+class RingState:
+    """Commit and rollback shared by the SSM layer states (Mamba2LayerState, mamba3.Mamba3LayerState): flax
+    dataclasses with rings of Q = rollback window + 1 state slots (`ssm_BQNHZ` first), a rollback floor `floor_B`
+    and the `pending` record of a multi-token call (None once committed). Subclasses define `_fold`."""
+
+    @property
+    def rollback_window(self) -> int:
+        return self.ssm_BQNHZ.shape[1] - 1
+
+    def commit(self, lengths_B):
+        """Fold the pending call's first lengths_B - start_B tokens into the rings (the rest is dropped)."""
+        p = self.pending
+        if p is None:
+            return self
+        valid_B = jnp.clip(lengths_B - p.start_B, 0, p.num_tokens)
+        floor_B = jnp.maximum(self.floor_B, p.start_B + valid_B - self.rollback_window)
+        return self._fold(p, valid_B).replace(floor_B=floor_B, pending=None)
+
+    def stepped(self, lengths_B, **rings):
+        """The state after a one-token step from lengths_B that wrote `rings`."""
+        return self.replace(**rings, floor_B=jnp.maximum(self.floor_B, lengths_B + 1 - self.rollback_window))
+
+    def rollback(self, lengths_B):
+        """Commit up to lengths_B, then restore the state after position lengths_B - 1: the rings are indexed by
+        position, so only the caller's lengths change. Below `floor_B` the state is gone: a ValueError when the
+        lengths are concrete; under jit it is the caller's contract."""
+        state = self.commit(lengths_B)
+        if not any(isinstance(a, jax.core.Tracer) for a in (lengths_B, state.floor_B)):
+            lengths, floor = np.asarray(lengths_B), np.asarray(state.floor_B)
+            rows = np.flatnonzero(lengths < floor)[:8].tolist()
+            if rows:
+                raise ValueError(
+                    f"truncate: rows {rows} roll back to lengths {lengths[rows].tolist()}, but their SSM states can "
+                    f"only be restored to lengths >= {floor[rows].tolist()}: SSM layers keep only the last "
+                    f"rollback_window={self.rollback_window} committed steps (SSMConfig's, or init_state's override)"
+                    + (" (rollback is disabled)" if self.rollback_window == 0 else ""))
+        return state
+
+
+@flax.struct.dataclass
+class Mamba2Pending:
+    """The not-yet-committed steps of one Mamba-2 layer's last multi-token call."""
+
+    start_B: jax.Array  # int32: each row's length when the call started
+    dtx_BTNH: jax.Array  # Δ·x (f32)
+    dtA_BTN: jax.Array  # Δ·A, the log decay (f32)
+    B_BTUZ: jax.Array  # f32
+    xbc_BTY: jax.Array  # conv inputs
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dtA_BTN.shape[1]
+
+
+@flax.struct.dataclass
+class Mamba2LayerState(RingState):
+    """One Mamba-2 layer's decode state (letters: W conv-input slots, Q state slots, Y conv channels; R_w the
+    rollback window, K_w the conv width):
+    - `conv_BWY`: the conv inputs of the last W = K_w - 1 + R_w positions, position p in slot p % W;
+    - `ssm_BQNHZ`: the states after each of the last Q = R_w + 1 positions, position p in slot p % Q (f32);
+    - `floor_B`: the shortest length a rollback can restore (length - R_w after a write);
+    - `pending`: a multi-token call's inputs, folded in by `commit` once the valid lengths are known.
+    A step writes one slot of each ring in place, so rolling back j <= R_w steps moves only the lengths."""
+
+    conv_BWY: jax.Array
+    ssm_BQNHZ: jax.Array
+    floor_B: jax.Array
+    pending: Mamba2Pending | None = None
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, rollback_window: int | None = None):
+        s = cfg.ssm
+        R_w = s.rollback_window if rollback_window is None else rollback_window
+        return cls(conv_BWY=jnp.zeros((batch, s.conv_width - 1 + R_w, s.conv_dim), dtype),
+                   ssm_BQNHZ=jnp.zeros((batch, R_w + 1, s.num_heads, s.head_dim, s.state_size), F32),
+                   floor_B=jnp.zeros((batch,), jnp.int32))
+
+    def _fold(self, p: Mamba2Pending, valid_B):
+        conv_BWY, ssm_BQNHZ = commit(self.conv_BWY, self.ssm_BQNHZ, (p.dtx_BTNH, p.dtA_BTN, p.B_BTUZ, p.xbc_BTY),
+                                     p.start_B, valid_B)
+        return self.replace(conv_BWY=conv_BWY, ssm_BQNHZ=ssm_BQNHZ)
 
 
 # ----------------------------------------------------------------------------------------------- mixer
@@ -333,11 +374,11 @@ class Mamba2Mixer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cache=None, lengths_B=None, segment_ids_BT=None):
-        """cache: None (teacher-forced) or (conv_BWY, ssm_BQNHZ) rings at lengths_B. Returns (y_BTD, out): out is
-        None without a cache, the updated rings for a one-token call, and otherwise the call's pending inputs
-        (dtx_BTNH, dtA_BTN, B_BTGZ, xbc_BTY), which `commit` folds into the rings once the valid lengths are
-        known (after `truncate`, or at the next call)."""
+    def __call__(self, x_BTD, state: Mamba2LayerState | None = None, lengths_B=None, segment_ids_BT=None):
+        """state: None (teacher-forced) or this layer's Mamba2LayerState at lengths_B (a pending call is committed
+        first). Returns (y_BTD, new state): None without a state; after one token the rings hold the new step;
+        after more, the call is recorded as pending (its inputs), folded in once the valid lengths are known
+        (by `truncate`, or at the next call)."""
         cfg, s = self.cfg, self.cfg.ssm
         if s.impl == "pallas":
             raise NotImplementedError("ssm.impl='pallas': the SSD kernel is not written yet; use 'xla' or 'auto'")
@@ -363,15 +404,17 @@ class Mamba2Mixer(nn.Module):
         z_BTI, xbc_BTY, dt_BTN = jnp.split(zxbcdt_BTP, [I, I + Y], axis=-1)
 
         runs_BT = None if segment_ids_BT is None else _runs(segment_ids_BT)
-        step = cache is not None and T == 1
-        if step and cache[0].shape[1] >= W:
-            # Write this position's conv input first, then read the W - 1 before it from the written ring: a read
-            # before the write is unordered with it, and XLA copied the ring to keep the read safe (profiled).
-            conv_BWY = ring_write(cache[0], lengths_B, xbc_BTY[:, 0])
+        if state is not None:
+            state = state.commit(lengths_B)
+        step = state is not None and T == 1
+        if step and state.conv_BWY.shape[1] >= W:
+            # Write this position's conv input first, then read the W - 1 before it from the written ring (a
+            # read unordered with the in-place write makes XLA copy the ring).
+            conv_BWY = ring_write(state.conv_BWY, lengths_B, xbc_BTY[:, 0])
             prev_BPY = conv_window(conv_BWY, lengths_B, W - 1)
         else:  # also a ring of W - 1 slots (rollback_window 0), which the write would overwrite first
-            prev_BPY = None if cache is None else conv_window(cache[0], lengths_B, W - 1)
-            conv_BWY = ring_write(cache[0], lengths_B, xbc_BTY[:, 0]) if step else None
+            prev_BPY = None if state is None else conv_window(state.conv_BWY, lengths_B, W - 1)
+            conv_BWY = ring_write(state.conv_BWY, lengths_B, xbc_BTY[:, 0]) if step else None
         xbc_act_BTY = nn.silu(causal_conv(xbc_BTY, conv_WY, conv_bias_Y, prev_BPY, runs_BT))
         x_BTNH = xbc_act_BTY[..., :I].reshape(Bn, T, N, H)
         B_BTGZ, C_BTGZ = (a.reshape(Bn, T, G, Z) for a in jnp.split(xbc_act_BTY[..., I:], 2, axis=-1))
@@ -379,18 +422,20 @@ class Mamba2Mixer(nn.Module):
         A_N = -jnp.exp(A_log_N.astype(F32))
 
         if step:  # decoding: one recurrent step, written into the rings
-            y_BNH, ssm_BQNHZ = ring_step(cache[1], lengths_B, x_BTNH[:, 0], delta_BTN[:, 0], A_N, B_BTGZ[:, 0],
-                                         C_BTGZ[:, 0])
+            y_BNH, ssm_BQNHZ = ring_step(state.ssm_BQNHZ, lengths_B, x_BTNH[:, 0], delta_BTN[:, 0], A_N,
+                                         B_BTGZ[:, 0], C_BTGZ[:, 0])
             y_BTNH = y_BNH[:, None]
-            out = (conv_BWY, ssm_BQNHZ)
+            state = state.stepped(lengths_B, conv_BWY=conv_BWY, ssm_BQNHZ=ssm_BQNHZ)
         else:
-            h0_BNHZ = None if cache is None else current_state(cache[1], lengths_B)
+            h0_BNHZ = None if state is None else current_state(state.ssm_BQNHZ, lengths_B)
             y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTGZ, C_BTGZ, chunk_size=s.chunk_size,
                                     initial_state_BNHZ=h0_BNHZ, segment_ids_BT=segment_ids_BT)
-            out = None if cache is None else (x_BTNH * delta_BTN[..., None], delta_BTN * A_N, B_BTGZ, xbc_BTY)
+            if state is not None:
+                state = state.replace(pending=Mamba2Pending(lengths_B, x_BTNH * delta_BTN[..., None],
+                                                            delta_BTN * A_N, B_BTGZ, xbc_BTY))
         y_BTNH = y_BTNH + x_BTNH * D_N.astype(F32)[:, None]
         y_BTI = GatedRMSNorm(G, cfg.norm_eps, F32, pd, name="norm")(y_BTNH.reshape(Bn, T, I), z_BTI)
         y_BTD = y_BTI.astype(dt) @ out_proj.astype(dt)
         if s.use_bias:
             y_BTD += self.param("out_proj_bias", part(zeros, ("embed",)), (D,), pd).astype(dt)
-        return y_BTD, out
+        return y_BTD, state

@@ -25,10 +25,12 @@ def test_param_count_and_kv_bytes_match_the_model(name):
     shapes = jax.eval_shape(lambda: lm.init_params(lm.build(cfg), jax.random.PRNGKey(0)))
     assert cost.param_count(cfg) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     state = jax.eval_shape(lambda: lm.init_state(cfg, 2, 8))
-    kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.kv))
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    kv_bytes = sum(nbytes(x) for x in state.layers if isinstance(x, lm.KVState))
     assert cost.kv_bytes_per_token(cfg) == kv_bytes // (2 * 8)
-    rings = lambda st: st.ssm.replace(floor_B=None) if st.ssm is not None else None  # floor_B is per row
-    ring_bytes = lambda st: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rings(st))) // 2
+    # The SSM layers' rings (floor_B, one int per row and layer, is bookkeeping).
+    ring_bytes = lambda st: sum(nbytes(x.replace(floor_B=None)) for x in st.layers
+                                if not isinstance(x, lm.KVState)) // 2
     assert cost.ssm_state_bytes_per_row(cfg) == ring_bytes(state)
     for window in (0, 2):  # init_state's override of cfg.ssm.rollback_window
         state = jax.eval_shape(lambda w=window: lm.init_state(cfg, 2, 8, rollback_window=w))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmx.decoding import generate
-from lmx.models import Mamba3Cache, ModelConfig, SSMConfig, build, init_params, init_state, preset, truncate
+from lmx.models import Mamba3LayerState, ModelConfig, SSMConfig, build, init_params, init_state, preset, truncate
 
 
 def _mamba3(cfg, **kw):
@@ -80,7 +80,7 @@ def test_cached_decode_equals_teacher_forced(name):
         state = out.state
         logits.append(out.logits_BTV)
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full_BTV, atol=ATOL)
-    assert state.lengths_B.tolist() == [TOTAL] * 3 and state.ssm.pending is None
+    assert state.lengths_B.tolist() == [TOTAL] * 3 and not any(getattr(x, "pending", None) for x in state.layers)
 
     # Right-padded prefill (padding id 0, unlike the real continuation), truncate, then per-row decoding.
     valid_BT = np.arange(9)[None] < np.array(LENS)[:, None]
@@ -88,7 +88,7 @@ def test_cached_decode_equals_teacher_forced(name):
     for b, n in enumerate(LENS):
         np.testing.assert_allclose(out.logits_BTV[b, :n], full_BTV[b, :n], atol=ATOL)
     state = jit_truncate(out.state, jnp.asarray(LENS))
-    assert state.ssm.pending is None
+    assert not any(getattr(x, "pending", None) for x in state.layers)
     for i in range(NEW):
         out = apply(p, tokens_BT[jnp.arange(3), jnp.asarray(LENS) + i][:, None], state=state)
         state = out.state
@@ -163,15 +163,16 @@ def test_layer_patterns_scan_their_repeating_unit():
     odd = ModelConfig(num_layers=3, layer_pattern=("attn", "ssm", "ssm"), ssm=ssm)  # no repetition: scanned once
     assert shapes(odd)["layers"]["ssm_2"]["norm"]["scale"].shape == (1, 64)
     assert preset("hybrid-tiny", num_layers=12).layer_pattern == ("ssm", "ssm", "ssm", "attn") * 3
-    state = init_state(preset("hybrid-tiny"), 2, 10)
-    assert len(state.kv.k_BKHS) == 2 and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
-    assert len(state.ssm.ssm_BQNHZ) == 6 and state.ssm.ssm_BQNHZ[5].shape == (2, 5, 8, 16, 16)
-    # Mamba-3: the variant picks the mixer (no conv; MIMO rank 2 widens B); its state is a Mamba3Cache.
+    state = init_state(preset("hybrid-tiny"), 2, 10)  # one state per layer, in layer_pattern order
+    assert [type(x).__name__ for x in state.layers] == ["Mamba2LayerState"] * 3 + ["KVState"] + [
+        "Mamba2LayerState"] * 3 + ["KVState"]
+    assert state.layers[3].k_BKHS.shape == (2, 2, 16, 10) and state.layers[6].ssm_BQNHZ.shape == (2, 5, 8, 16, 16)
+    # Mamba-3: the variant picks the mixer (no conv; MIMO rank 2 widens B); its layers' states are Mamba3LayerState.
     mimo = shapes(CONFIGS["mamba3-mimo"])["layers"]["mixer"]
     assert "conv" not in mimo and mimo["in_B"].shape == (2, 64, 2, 16) and mimo["mimo_x"].shape == (2, 8, 2, 16)
     assert sorted(shapes(CONFIGS["hybrid-mamba3"])["layers"]["ssm_1"]["mixer"]) == sorted(
         shapes(preset("mamba3-tiny"))["layers"]["mixer"])
     state = init_state(CONFIGS["hybrid-mamba3"], 2, 10)
-    assert isinstance(state.ssm, Mamba3Cache) and state.kv.k_BKHS[0].shape == (2, 2, 16, 10)
-    assert [[a.shape for a in layer] for layer in state.ssm.rings] == [
+    assert isinstance(state.layers[0], Mamba3LayerState) and state.layers[3].k_BKHS.shape == (2, 2, 16, 10)
+    assert [[a.shape for a in layer.rings] for layer in state.layers[:3]] == [
         [(2, 5, 8, 16, 16), (2, 5, 8, 4), (2, 5, 1, 8, 16), (2, 5, 8, 16)]] * 3

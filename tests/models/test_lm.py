@@ -12,12 +12,13 @@ from lmx.models import (
     ModelConfig,
     RopeScaling,
     build,
+    decode_params,
     init_params,
     init_state,
     preset,
     truncate,
-    unstack_layers,
 )
+from lmx.models.lm import embed, head, make_ctx, run_layers
 from tests.tiny import tiny_model
 
 PRESETS = ["llama-tiny", "llama3-tiny", "qwen2-tiny", "swa-tiny"]
@@ -51,22 +52,37 @@ def test_cached_decode_equals_teacher_forced(name):
     assert state.lengths_B.tolist() == [20, 20, 20]
 
 
-def test_unstacked_layers_give_the_same_outputs():
-    """The decode layout (per-repetition param trees) gives the scanned stack's logits, without a state and
-    with one (a prefill, then a single token); on a hybrid, so both block kinds run unrolled, at batch 1 (the
-    KV cache's dynamic_update_slice write; batch > 1 scatters, as every other cached test does)."""
+def test_layer_loop_in_pieces_equals_the_scanned_stack():
+    """decode_params splits the stack once per params object; embed -> run_layers [0, a) -> run_layers [a, L) ->
+    head gives the scanned stack's logits, without a state and with one (a prefill, then a single token); on a
+    hybrid, so both block kinds run, at batch 1 (the KV write's one-row path)."""
     cfg, model, params = _model("hybrid-tiny")
-    split = unstack_layers(params)
-    assert isinstance(split["layers"], tuple) and len(split["layers"]) == jax.tree.leaves(params["layers"])[0].shape[0]
-    full, cached = _jitted(model)
+    split = decode_params(model, params)
+    assert decode_params(model, params) is split and decode_params(model, split) is split  # cached, not re-split
+    assert len(split.layers) == cfg.num_layers and decode_params(model, dict(params)) is split  # same arrays
+    full, _ = _jitted(model)
     tokens_BT = jax.random.randint(jax.random.PRNGKey(2), (1, 13), 0, cfg.vocab_size)
     full_BTV = full(params, tokens_BT)
-    np.testing.assert_allclose(full(split, tokens_BT), full_BTV, atol=1e-5)
+
+    def pieces(split, tokens_BT, state, a):
+        T = tokens_BT.shape[1]
+        lengths_B = jnp.zeros((1,), jnp.int32) if state is None else state.lengths_B
+        ctx = make_ctx(lengths_B, T)
+        states = None if state is None else state.layers
+        x, first = run_layers(model, split, embed(model, split, tokens_BT), None if states is None else states[:a],
+                              ctx, 0, a)
+        x, rest = run_layers(model, split, x, None if states is None else states[a:], ctx, a)
+        logits, _ = head(model, split, x)
+        return logits, None if state is None else state.replace(lengths_B=lengths_B + T, layers=first + rest)
+
+    pieces = jax.jit(pieces, static_argnums=3)
+    np.testing.assert_allclose(pieces(split, tokens_BT, None, 3)[0], full_BTV, atol=1e-5)
     state = init_state(cfg, 1, 16)
     for a, b in [(0, 12), (12, 13)]:
-        out = cached(split, tokens_BT[:, a:b], state)
-        np.testing.assert_allclose(out.logits_BTV, full_BTV[:, a:b], atol=1e-5)
-        state = out.state
+        logits, state = pieces(split, tokens_BT[:, a:b], state, 2)
+        np.testing.assert_allclose(logits, full_BTV[:, a:b], atol=1e-5)
+    with pytest.raises(ValueError, match=r"layers \[2, 9\) outside the model's 8 layers"):
+        run_layers(model, split, jnp.zeros((1, 1, cfg.d_model)), None, make_ctx(jnp.zeros((1,), jnp.int32), 1), 2, 9)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -143,7 +159,8 @@ def test_remat_and_bf16_match_the_plain_f32_model():
 def test_truncate_never_moves_lengths_forward():
     cfg = preset("hybrid-tiny")  # attention and SSM layers
     state = init_state(cfg, 3, 8)
-    state = state.replace(lengths_B=jnp.asarray([3, 5, 0]), ssm=state.ssm.replace(floor_B=jnp.asarray([0, 1, 0])))
+    floored = lambda x: x.replace(floor_B=jnp.asarray([0, 1, 0])) if hasattr(x, "floor_B") else x
+    state = state.replace(lengths_B=jnp.asarray([3, 5, 0]), layers=tuple(map(floored, state.layers)))
     assert truncate(state, [4, 2, 7]).lengths_B.tolist() == [3, 2, 0]
     assert jax.jit(truncate)(state, jnp.asarray([9, 1, 1])).lengths_B.tolist() == [3, 1, 0]
 
@@ -224,3 +241,29 @@ def test_real_presets_shapes_only():
 def test_replace_num_layers_retiles_pattern():
     cfg = preset("llama-tiny", num_layers=5)
     assert cfg.layer_pattern == ("attn",) * 5
+
+
+def test_writes_past_max_len_inside_jit_are_clamped_and_reported():
+    """Inside a jitted loop nothing can raise: a row that runs out of positions is flagged (overflow_B) and its
+    writes land in its own last slot, never outside its buffers; the other rows are untouched and exact."""
+    cfg, model, params = _model("llama-tiny")
+    full, cached = _jitted(model)
+    tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    state = cached(params, tokens_BT[:, :4], init_state(cfg, 2, 8)).state
+    state = truncate(state, jnp.asarray([4, 1]))  # row 0 at length 4, row 1 at length 1
+
+    @jax.jit
+    def loop(state):
+        def body(i, carry):
+            state, logits = carry
+            out = model.apply({"params": params}, tokens_BT[:, 4 + i][:, None], state=state)
+            return out.state, logits.at[:, i].set(out.logits_BTV[:, 0])
+        return jax.lax.fori_loop(0, 6, body, (state, jnp.zeros((2, 6, cfg.vocab_size))))
+
+    out_state, logits = loop(state)
+    assert out_state.overflow_B.tolist() == [True, False]  # row 0 needed 10 positions of 8, row 1 needed 7
+    assert out_state.layers[0].k_BKHS.shape == state.layers[0].k_BKHS.shape
+    # Row 1 (positions 1..6 fed tokens 4..9) is exact; row 0 was exact until it ran out (its first 4 steps).
+    seq1 = jnp.concatenate([tokens_BT[1:, :1], tokens_BT[1:, 4:10]], axis=1)
+    np.testing.assert_allclose(logits[1], full(params, seq1)[0, 1:], atol=1e-5)
+    np.testing.assert_allclose(logits[0, :4], full(params, tokens_BT[:1, :8])[0, 4:], atol=1e-5)

@@ -291,42 +291,44 @@ def test_commit_writes_the_states_of_the_last_valid_positions():
     np.testing.assert_allclose(now.ssm_BNHZ[0], states[valid[0] - 1].ssm_BNHZ[0], rtol=1e-4, atol=1e-5)
 
 
-def test_decode_state_helpers_on_mamba3_cache():
+def test_decode_state_helpers_on_mamba3_state():
     import dataclasses
 
-    from lmx.models import Mamba3Cache, Mamba3Pending, init_state, preset, repeat, select, truncate
+    from lmx.models import Mamba3LayerState, Mamba3Pending, init_state, preset, repeat, select, truncate
 
     base = preset("mamba3-tiny")
     cfg = base.replace(ssm=dataclasses.replace(base.ssm, mimo_rank=2))
     s = cfg.ssm
     state = init_state(cfg, 3, 8)
-    assert isinstance(state.ssm, Mamba3Cache) and state.kv is None and state.ssm.rollback_window == 4
-    assert [[a.shape for a in layer] for layer in state.ssm.rings] == [
+    assert all(isinstance(x, Mamba3LayerState) for x in state.layers) and state.layers[0].rollback_window == 4
+    assert [[a.shape for a in x.rings] for x in state.layers] == [
         [(3, 5, 8, 16, 16), (3, 5, 8, s.num_angles), (3, 5, 2, 8, 16), (3, 5, 8, 16)]] * 2
     # Distinct rows, with a pending record (MIMO: it carries the x-projection per row), gathered and repeated.
     r = np.random.default_rng(0)
     fill = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
-    layers = lambda *shape: (fill(*shape), fill(*shape))  # one array per SSM layer
-    pending = Mamba3Pending(jnp.asarray([1, 2, 3]), layers(3, 5, 8, 16), layers(3, 5, 8), layers(3, 5, 8),
-                            layers(3, 5, 8), layers(3, 5, 8, 4), layers(3, 5, 2, 8, 16), layers(3, 8, 2, 16))
-    rings = [layers(*a.shape) for a in state.ssm.rings[0]]
-    state = state.replace(lengths_B=jnp.asarray([6, 7, 8]),
-                          ssm=Mamba3Cache(*rings, floor_B=jnp.asarray([0, 0, 0]), pending=pending))
+
+    def layer(x):
+        pending = Mamba3Pending(jnp.asarray([1, 2, 3]), fill(3, 5, 8, 16), fill(3, 5, 8), fill(3, 5, 8),
+                                fill(3, 5, 8), fill(3, 5, 8, 4), fill(3, 5, 2, 8, 16), fill(3, 8, 2, 16))
+        return x.with_rings([fill(*a.shape) for a in x.rings]).replace(pending=pending)
+
+    state = state.replace(lengths_B=jnp.asarray([6, 7, 8]), layers=tuple(map(layer, state.layers)))
     picked = select(state, [2, 0, 0])
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(picked), strict=True):
         np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=0))  # every array is batch-major
     twice = repeat(state, 2)
-    np.testing.assert_array_equal(twice.ssm.pending.x_proj_BNRH[1][3], state.ssm.pending.x_proj_BNRH[1][1])
-    np.testing.assert_array_equal(twice.ssm.K_BQRNZ[0][5], state.ssm.K_BQRNZ[0][2])
+    np.testing.assert_array_equal(twice.layers[1].pending.x_proj_BNMH[3], state.layers[1].pending.x_proj_BNMH[1])
+    np.testing.assert_array_equal(twice.layers[0].K_BQMNZ[5], state.layers[0].K_BQMNZ[2])
 
-    committed = state.replace(ssm=state.ssm.replace(pending=None, floor_B=jnp.asarray([4, 5, 6])))
+    committed = state.replace(layers=tuple(x.replace(pending=None, floor_B=jnp.asarray([4, 5, 6]))
+                                           for x in state.layers))
     assert truncate(committed, [4, 6, 8]).lengths_B.tolist() == [4, 6, 8]
     with pytest.raises(ValueError, match=r"rows \[1\] roll back to lengths \[4\].*>= \[5\].*rollback_window=4"):
         truncate(committed, [4, 4, 8])
     # truncate commits the pending call (starts 1, 2, 3; rows keep 2, 5 and 0 of its 5 tokens), and the floor
     # becomes length - rollback_window where that is higher: row 1 can no longer go below length 3.
     after = truncate(state, [3, 7, 3])
-    assert after.ssm.pending is None and after.ssm.floor_B.tolist() == [0, 3, 0]
+    assert all(x.pending is None and x.floor_B.tolist() == [0, 3, 0] for x in after.layers)
     with pytest.raises(ValueError, match=r"rows \[1\] roll back to lengths \[2\]"):
         truncate(after, [3, 2, 3])
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from lmx.models import build, init_state, preset
-from lmx.models.lm import unstack_layers
+from lmx.models.lm import decode_params
 from lmx.models.mamba3 import Mamba3Mixer, Mamba3State
 
 EPS = 1e-5  # RMSNormGated(..., eps=1e-5) for B_norm, C_norm and the output norm (reference __init__)
@@ -296,11 +296,11 @@ def test_mixer_matches_reference_transcription(case):
 
 def reference_lm(tokens, params, cfg_lm, ref_cfg):
     """embed -> per layer x + mixer(RMSNorm(x)) -> final RMSNorm -> lm_head: lmx's LM (lmx.models.lm, layers)
-    around the reference mixer. params: the decode layout (a tuple of per-layer trees)."""
+    around the reference mixer, on lmx's stacked params (each layer's tree from decode_params)."""
     f = lambda a: np.asarray(a, np.float64)
     norm = lambda v, w: v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + cfg_lm.norm_eps) * f(w)
     x = f(params["embed"]["embedding"])[tokens]
-    for layer in params["layers"]:
+    for layer in decode_params(build(cfg_lm), params).layers:
         y, _ = reference_mamba3(norm(x, layer["norm"]["scale"]), to_reference(layer["mixer"]), ref_cfg)
         x = x + y
     return norm(x, params["final_norm"]["scale"]) @ f(params["lm_head"])
@@ -320,7 +320,7 @@ def test_lm_prefill_and_decode_step_match_reference():
     batch, prompt = 2, 6
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (batch, prompt + 1)).astype(np.int32)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens[:, :prompt])["params"]
-    params = unstack_layers(random_params(abstract, cfg.d_model, seed=4))
+    params = random_params(abstract, cfg.d_model, seed=4)
     want = reference_lm(tokens, params, cfg, ref_cfg)
 
     apply = jax.jit(model.apply)

@@ -8,8 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmx.models import ModelConfig, SSMCache, SSMConfig, SSMPending, init_state, preset, repeat, select, truncate
-from lmx.models.ssm import commit, current_state, ring_read, ring_step, ring_write, ssd_chunked, ssd_naive, ssd_step
+from lmx.models import (
+    Mamba2LayerState,
+    Mamba2Pending,
+    ModelConfig,
+    SSMConfig,
+    init_state,
+    preset,
+    repeat,
+    select,
+    truncate,
+)
+from lmx.models.backend import ring_read, ring_write
+from lmx.models.ssm import commit, current_state, ring_step, ssd_chunked, ssd_naive, ssd_step
 
 B, T, N, H, Z, G = 2, 11, 4, 3, 5, 2
 CHUNKS = (1, 3, 4, 16)  # 16 > T: a single padded chunk
@@ -147,28 +158,28 @@ def test_select_repeat_and_truncate_limits_on_ssm_state():
     cfg = preset("mamba2-tiny")
     state = init_state(cfg, 3, 8)
     s = cfg.ssm
-    assert state.kv is None and [a.shape for a in state.ssm.conv_BWY] == [(3, s.conv_width - 1 + s.rollback_window,
-                                                                          s.conv_dim)] * 2
-    assert [a.shape for a in state.ssm.ssm_BQNHZ] == [(3, s.rollback_window + 1, s.num_heads, s.head_dim,
-                                                       s.state_size)] * 2
+    assert all(isinstance(x, Mamba2LayerState) for x in state.layers) and len(state.layers) == 2
+    assert state.layers[0].conv_BWY.shape == (3, s.conv_width - 1 + s.rollback_window, s.conv_dim)
+    assert state.layers[1].ssm_BQNHZ.shape == (3, s.rollback_window + 1, s.num_heads, s.head_dim, s.state_size)
     # Distinct rows (as after a multi-token call, with its pending steps), then gather and repeat them.
     r = np.random.default_rng(0)
     fill = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)
-    layers = lambda *shape: (fill(*shape), fill(*shape))  # one array per SSM layer
-    pending = SSMPending(jnp.asarray([1, 2, 3]), layers(3, 5, 8, 16), layers(3, 5, 8), layers(3, 5, 2, 16),
-                         layers(3, 5, s.conv_dim))
-    state = state.replace(lengths_B=jnp.asarray([6, 7, 8]), ssm=SSMCache(
-        layers(*state.ssm.conv_BWY[0].shape), layers(*state.ssm.ssm_BQNHZ[0].shape), jnp.asarray([4, 5, 6]),
-        pending))
+
+    def layer(x):
+        pending = Mamba2Pending(jnp.asarray([1, 2, 3]), fill(3, 5, 8, 16), fill(3, 5, 8), fill(3, 5, 2, 16),
+                                fill(3, 5, s.conv_dim))
+        return Mamba2LayerState(fill(*x.conv_BWY.shape), fill(*x.ssm_BQNHZ.shape), jnp.asarray([4, 5, 6]), pending)
+
+    state = state.replace(lengths_B=jnp.asarray([6, 7, 8]), layers=tuple(map(layer, state.layers)))
     picked = select(state, [2, 0, 0])
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(picked), strict=True):
         np.testing.assert_array_equal(b, np.take(a, [2, 0, 0], axis=0))  # every array is batch-major
     twice = repeat(state, 2)
-    np.testing.assert_array_equal(twice.ssm.pending.start_B, [1, 1, 2, 2, 3, 3])
-    np.testing.assert_array_equal(twice.ssm.ssm_BQNHZ[1][4], state.ssm.ssm_BQNHZ[1][2])
-    np.testing.assert_array_equal(twice.ssm.conv_BWY[0][5], state.ssm.conv_BWY[0][2])
+    np.testing.assert_array_equal(twice.layers[0].pending.start_B, [1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(twice.layers[1].ssm_BQNHZ[4], state.layers[1].ssm_BQNHZ[2])
+    np.testing.assert_array_equal(twice.layers[0].conv_BWY[5], state.layers[0].conv_BWY[2])
 
-    committed = state.replace(ssm=state.ssm.replace(pending=None))
+    committed = state.replace(layers=tuple(x.replace(pending=None) for x in state.layers))
     assert truncate(committed, [4, 6, 8]).lengths_B.tolist() == [4, 6, 8]
     with pytest.raises(ValueError, match=r"rows \[1\] roll back to lengths \[4\].*>= \[5\].*rollback_window=4"):
         truncate(committed, [4, 4, 8])
@@ -177,7 +188,7 @@ def test_select_repeat_and_truncate_limits_on_ssm_state():
     assert jax.tree.map(jnp.shape, override) == jax.tree.map(jnp.shape, off)
     with pytest.raises(ValueError, match=r"rollback_window=-1 must be an int >= 0"):
         init_state(cfg, 1, 8, rollback_window=-1)
-    off = off.replace(lengths_B=jnp.asarray([3]), ssm=off.ssm.replace(floor_B=jnp.asarray([3])))
+    off = off.replace(lengths_B=jnp.asarray([3]), layers=tuple(x.replace(floor_B=jnp.asarray([3])) for x in off.layers))
     with pytest.raises(ValueError, match=r"rollback_window=0 .*\(rollback is disabled\)"):
         truncate(off, [2])
 
