@@ -10,8 +10,8 @@ Formulas (forward pass only, one multiply-add = 2 FLOPs):
   not counted.
 - KV-cache bytes per token = 2 (k and v) · L_attn · K · H · bytes(cfg.dtype).
 - SSM state bytes per row (constant in the sequence length; lmx.models.state documents the layouts), per layer:
-  Mamba-2: (K_w − 1 + R_w)·Y·bytes(cfg.dtype) conv ring + (R_w + 1)·N·H·Z·4 state ring (Y = N·H + 2·G·Z);
-  Mamba-3: (R_w + 1)·(N·H·Z + N·A + R·N·Z + N·H)·4 (state, angles, rotated B, x; A angles, R MIMO rank).
+  Mamba-2: (W − 1 + R_w)·Y·bytes(cfg.dtype) conv ring + (R_w + 1)·N·H·Z·4 state ring (W conv taps, Y = N·H + 2·U·Z);
+  Mamba-3: (R_w + 1)·(N·H·Z + N·A + M·N·Z + N·H)·4 (state, angles, rotated B, x; A angles, M MIMO rank).
 """
 
 from __future__ import annotations

@@ -122,5 +122,4 @@ class Attention(nn.Module):
             o_BTNH = cached_attention(q_BTNH, k_BKHS.astype(dt), v_BKSH.astype(dt), mask, 1.0 / math.sqrt(H))
             new_state = KVState(k_BKHS, v_BKSH)
         # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).
-        o_BTF = o_BTNH.reshape(*o_BTNH.shape[:2], N * H)
-        return o_BTF @ wo.reshape(N * H, D).astype(dt), new_state
+        return o_BTNH.reshape(*o_BTNH.shape[:2], N * H) @ wo.reshape(N * H, D).astype(dt), new_state

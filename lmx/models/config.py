@@ -75,7 +75,7 @@ class AttentionConfig:
 class SSMConfig:
     """The mixer of "ssm" layers. variant="mamba2": Mamba-2 (SSD) as in `transformers` Mamba2; B and C are shared
     by groups of num_heads / n_groups heads. variant="mamba3": lmx.models.mamba3.Mamba3Mixer (trapezoidal update,
-    rotary state, MIMO rank R; no conv, one group), as in `mamba_ssm/modules/mamba3.py`. For both, the inner
+    rotary state, MIMO rank M; no conv, one group), as in `mamba_ssm/modules/mamba3.py`. For both, the inner
     width N·H must equal expand·d_model (the reference's d_inner = expand·d_model, nheads = d_inner / headdim).
     Fields of one variant (listed in VARIANT_FIELDS) must keep their defaults under the other: a set option that
     would silently do nothing is an error."""
@@ -84,7 +84,7 @@ class SSMConfig:
     num_heads: int = 8  # N
     head_dim: int = 16  # H
     state_size: int = 16  # Z
-    n_groups: int = 1  # G
+    n_groups: int = 1  # U: groups sharing B and C
     expand: int = 2
     conv_width: int = 4  # W: causal depthwise conv over x, B, C
     chunk_size: int = 64  # C: block size of the chunked SSD scan (prefill, training)
@@ -97,7 +97,7 @@ class SSMConfig:
     rollback_window: int = 4  # decode steps `truncate` can undo (see lmx.models.state); 0 disables
     impl: str = "xla"  # kernel choice for the chunked scan, see lmx.pallas
     # Mamba-3 only.
-    mimo_rank: int = 1  # R: rank of the per-head input/output projections (1 = SISO)
+    mimo_rank: int = 1  # M: rank of the per-head input/output projections (1 = SISO)
     rope_fraction: float = 0.5  # share of the Z state channels that rotate: A = int(Z·rope_fraction) // 2 angles
     rope: str | None = None  # rotary pairs: "interleaved" (2j, 2j+1) or "halves" (j, j+Z/2); None: by mimo_rank
     A_floor: float = 1e-4  # A = min(-f(·), -A_floor), f the reference heavy tail: every step decays at least this much

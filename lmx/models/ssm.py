@@ -1,14 +1,14 @@
 """Mamba-2 (SSD) state-space mixer: the scan in three equivalent forms, the decode-state ring buffers, and the
 Linen mixer (matching `transformers` Mamba2Mixer).
 
-Per head, with state h [H, Z] (DESIGN §2 letters; G groups share B and C; M = number of chunks):
+Per head, with state h [H, Z] (DESIGN §2 letters; U groups share B and C; J = number of chunks):
     h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ        y_t = h_t C_t   (the mixer adds D x_t)
 - `ssd_naive`: a sequential `lax.scan` over time, the reference.
 - `ssd_step`: one step, O(1) in the sequence length (decoding).
 - `ssd_chunked`: the SSD block decomposition (Dao & Gu, 2024). Within a chunk of C steps the output is a
-  masked quadratic form, like causal attention with decay weights exp(Σ Δ A); across chunks only the M chunk
-  states are passed along (by a small M×M decay matrix: no sequential loop). Training and prefill use it; it
-  is the reference for a Pallas kernel.
+  masked quadratic form, like causal attention with decay weights exp(Σ Δ A); across chunks only the J chunk
+  states are passed along (by a small (J+1)×(J+1) decay matrix: no sequential loop). Training and prefill use
+  it; it is the reference for a Pallas kernel.
 All three take an initial state, return the final state, and reset the state wherever `segment_ids_BT`
 changes value (packed sequences). Internally the scan works on the discretised inputs Δx and ΔA.
 """
@@ -33,7 +33,7 @@ F32 = jnp.float32
 
 
 def _heads(a, num_heads: int, axis: int):
-    """Expand a per-group axis to heads: group g serves heads g·N/G .. (g+1)·N/G - 1 (as HF repeat_interleave)."""
+    """Expand a per-group axis to heads: group u serves heads u·N/U .. (u+1)·N/U - 1 (as HF repeat_interleave)."""
     return jnp.repeat(a, num_heads // a.shape[axis], axis=axis)
 
 
@@ -56,32 +56,32 @@ def _segsum(log_decay):
     return jnp.where(lower(0), jnp.cumsum(terms, axis=-2), -jnp.inf)
 
 
-def _step(h_BNHZ, dtx_BNH, dtA_BN, B_BGZ, C_BGZ=None):
+def _step(h_BNHZ, dtx_BNH, dtA_BN, B_BUZ, C_BUZ=None):
     """One step on discretised inputs; C=None skips the output. Extra leading axes broadcast (ring_step runs it
     on a one-slot ring [B, 1, N, H, Z])."""
     N = h_BNHZ.shape[-3]
-    h_BNHZ = jnp.exp(dtA_BN)[..., None, None] * h_BNHZ + dtx_BNH[..., None] * _heads(B_BGZ, N, -2)[..., None, :]
-    y_BNH = None if C_BGZ is None else jnp.einsum("...NHZ,...NZ->...NH", h_BNHZ, _heads(C_BGZ, N, -2))
+    h_BNHZ = jnp.exp(dtA_BN)[..., None, None] * h_BNHZ + dtx_BNH[..., None] * _heads(B_BUZ, N, -2)[..., None, :]
+    y_BNH = None if C_BUZ is None else jnp.einsum("...NHZ,...NZ->...NH", h_BNHZ, _heads(C_BUZ, N, -2))
     return y_BNH, h_BNHZ
 
 
 def ssd_step(
     h_BNHZ: Float[Array, "B N H Z"], x_BNH: Float[Array, "B N H"], dt_BN: Float[Array, "B N"],
-    A_N: Float[Array, " N"], B_BGZ: Float[Array, "B G Z"], C_BGZ: Float[Array, "B G Z"],
+    A_N: Float[Array, " N"], B_BUZ: Float[Array, "B U Z"], C_BUZ: Float[Array, "B U Z"],
 ):
     """One recurrence step (f32): returns (y_BNH, new h_BNHZ)."""
     dt_BN = dt_BN.astype(F32)
-    return _step(h_BNHZ.astype(F32), x_BNH.astype(F32) * dt_BN[..., None], dt_BN * A_N, B_BGZ.astype(F32),
-                 C_BGZ.astype(F32))
+    return _step(h_BNHZ.astype(F32), x_BNH.astype(F32) * dt_BN[..., None], dt_BN * A_N, B_BUZ.astype(F32),
+                 C_BUZ.astype(F32))
 
 
 def ssd_naive(
     x_BTNH: Float[Array, "B T N H"], dt_BTN: Float[Array, "B T N"], A_N: Float[Array, " N"],
-    B_BTGZ: Float[Array, "B T G Z"], C_BTGZ: Float[Array, "B T G Z"], *, initial_state_BNHZ=None, segment_ids_BT=None,
+    B_BTUZ: Float[Array, "B T U Z"], C_BTUZ: Float[Array, "B T U Z"], *, initial_state_BNHZ=None, segment_ids_BT=None,
 ):
     """Sequential reference: (y_BTNH, final_state_BNHZ), f32."""
     Bn, T, N, H = x_BTNH.shape
-    h0 = jnp.zeros((Bn, N, H, B_BTGZ.shape[-1]), F32) if initial_state_BNHZ is None else initial_state_BNHZ
+    h0 = jnp.zeros((Bn, N, H, B_BTUZ.shape[-1]), F32) if initial_state_BNHZ is None else initial_state_BNHZ
     reset_BT = jnp.zeros((Bn, T), bool) if segment_ids_BT is None else _starts(segment_ids_BT)
 
     def body(h, inputs):
@@ -90,75 +90,75 @@ def ssd_naive(
         return h, y
 
     time_major = lambda a: jnp.swapaxes(a, 0, 1)
-    h, y_TBNH = lax.scan(body, h0.astype(F32), tuple(map(time_major, (x_BTNH, dt_BTN, B_BTGZ, C_BTGZ, reset_BT))))
+    h, y_TBNH = lax.scan(body, h0.astype(F32), tuple(map(time_major, (x_BTNH, dt_BTN, B_BTUZ, C_BTUZ, reset_BT))))
     return time_major(y_TBNH), h
 
 
 def ssd_chunked(
     x_BTNH: Float[Array, "B T N H"], dt_BTN: Float[Array, "B T N"], A_N: Float[Array, " N"],
-    B_BTGZ: Float[Array, "B T G Z"], C_BTGZ: Float[Array, "B T G Z"], *, chunk_size: int, initial_state_BNHZ=None,
+    B_BTUZ: Float[Array, "B T U Z"], C_BTUZ: Float[Array, "B T U Z"], *, chunk_size: int, initial_state_BNHZ=None,
     segment_ids_BT=None,
 ):
     """Chunked SSD: (y_BTNH, final_state_BNHZ), f32. Any T works: the last chunk is padded with Δ = 0 steps,
     and chunks are at most T long."""
     dt_BTN = dt_BTN.astype(F32)
-    return _chunked(x_BTNH.astype(F32) * dt_BTN[..., None], dt_BTN * A_N, B_BTGZ.astype(F32), C_BTGZ.astype(F32),
+    return _chunked(x_BTNH.astype(F32) * dt_BTN[..., None], dt_BTN * A_N, B_BTUZ.astype(F32), C_BTUZ.astype(F32),
                     chunk_size, initial_state_BNHZ, segment_ids_BT)
 
 
-def _chunked(dtx_BTNH, dtA_BTN, B_BTGZ, C_BTGZ, chunk_size, h0_BNHZ=None, segment_ids_BT=None):
-    """ssd_chunked on discretised inputs. C_BTGZ=None computes only the final state."""
+def _chunked(dtx_BTNH, dtA_BTN, B_BTUZ, C_BTUZ, chunk_size, h0_BNHZ=None, segment_ids_BT=None):
+    """ssd_chunked on discretised inputs. C_BTUZ=None computes only the final state."""
     Bn, T, N, H = dtx_BTNH.shape
-    Z = B_BTGZ.shape[-1]
+    Z = B_BTUZ.shape[-1]
     C = min(chunk_size, T)
     pad = -T % C
-    M = (T + pad) // C
+    J = (T + pad) // C
     runs_BT = jnp.zeros((Bn, T), jnp.int32) if segment_ids_BT is None else _runs(segment_ids_BT)
     # Padding steps have Δ = 0: no decay, no input; they stay in the last run.
     chunk = lambda a, mode="constant": jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode).reshape(
-        Bn, M, C, *a.shape[2:])
-    dtx_BMTNH, dtA_BMTN, B_BMTGZ, runs_BMT = chunk(dtx_BTNH), chunk(dtA_BTN), chunk(B_BTGZ), chunk(runs_BT, "edge")
-    cum_BMTN = jnp.cumsum(dtA_BMTN, axis=2)  # log decay from the chunk start through step t
-    last_BM = runs_BMT[:, :, -1]
-    enter_BM = jnp.concatenate([runs_BMT[:, :1, 0], last_BM[:, :-1]], axis=1)  # run of the state entering chunk m
+        Bn, J, C, *a.shape[2:])
+    dtx_BJTNH, dtA_BJTN, B_BJTUZ, runs_BJT = chunk(dtx_BTNH), chunk(dtA_BTN), chunk(B_BTUZ), chunk(runs_BT, "edge")
+    cum_BJTN = jnp.cumsum(dtA_BJTN, axis=2)  # log decay from the chunk start through step t
+    last_BJ = runs_BJT[:, :, -1]
+    enter_BJ = jnp.concatenate([runs_BJT[:, :1, 0], last_BJ[:, :-1]], axis=1)  # run of the state entering chunk j
 
     # 1. Each chunk's own contribution to the state at its end (positions in the chunk's last run only).
-    to_end_BMTN = jnp.exp(cum_BMTN[:, :, -1:] - cum_BMTN) * (runs_BMT == last_BM[..., None])[..., None]
-    local_BMNHZ = jnp.einsum("BMTN,BMTNH,BMTNZ->BMNHZ", to_end_BMTN, dtx_BMTNH, _heads(B_BMTGZ, N, 3))
+    to_end_BJTN = jnp.exp(cum_BJTN[:, :, -1:] - cum_BJTN) * (runs_BJT == last_BJ[..., None])[..., None]
+    local_BJNHZ = jnp.einsum("BJTN,BJTNH,BJTNZ->BJNHZ", to_end_BJTN, dtx_BJTNH, _heads(B_BJTUZ, N, 3))
 
-    # 2. Pass states across chunks (I, J: M + 1 entries). Entry 0 is the initial state, entry m + 1 chunk m's
-    # local state; the state after entry i sums the entries j <= i, decayed through the chunks in between
-    # unless a segment starts there. Like step 1, a parallel form (an M+1 x M+1 decay matrix), except for few
-    # chunks.
+    # 2. Pass states across chunks. O and o both index the J + 1 chunk boundaries (O: the boundary whose state is
+    # computed, o: an entry summed into it). Entry 0 is the initial state, entry j + 1 chunk j's local state; the
+    # state after boundary O sums the entries o <= O, decayed through the chunks in between unless a segment
+    # starts there. Like step 1, a parallel form (a (J+1)×(J+1) decay matrix), except for few chunks.
     h0_BNHZ = jnp.zeros((Bn, N, H, Z), F32) if h0_BNHZ is None else h0_BNHZ.astype(F32)
-    last_BJ = jnp.concatenate([runs_BT[:, :1], last_BM], axis=1)
-    if unroll_chunk_pass(M):  # the same sum as a recurrence, unrolled (backend.py)
+    last_BO = jnp.concatenate([runs_BT[:, :1], last_BJ], axis=1)  # the run at each boundary
+    if unroll_chunk_pass(J):  # the same sum as a recurrence, unrolled (backend.py)
         afters = [h0_BNHZ]
-        for m in range(M):
-            keep_B = last_BJ[:, m + 1] == last_BJ[:, m]
-            decay_BN = jnp.where(keep_B[:, None], jnp.exp(cum_BMTN[:, m, -1]), 0.0)
-            afters.append(decay_BN[..., None, None] * afters[-1] + local_BMNHZ[:, m])
-        after_BINHZ = jnp.stack(afters, axis=1)
+        for j in range(J):
+            keep_B = last_BO[:, j + 1] == last_BO[:, j]
+            decay_BN = jnp.where(keep_B[:, None], jnp.exp(cum_BJTN[:, j, -1]), 0.0)
+            afters.append(decay_BN[..., None, None] * afters[-1] + local_BJNHZ[:, j])
+        after_BONHZ = jnp.stack(afters, axis=1)
     else:
-        local_BJNHZ = jnp.concatenate([h0_BNHZ[:, None], local_BMNHZ], axis=1)
-        chunk_decay_BNJ = jnp.pad(cum_BMTN[:, :, -1], ((0, 0), (1, 0), (0, 0))).swapaxes(1, 2)
-        same_BIJ = last_BJ[:, :, None] == last_BJ[:, None, :]
-        pass_BIJN = jnp.where(same_BIJ[..., None], jnp.moveaxis(jnp.exp(_segsum(chunk_decay_BNJ)), 1, -1), 0.0)
-        after_BINHZ = jnp.einsum("BIJN,BJNHZ->BINHZ", pass_BIJN, local_BJNHZ)
-    enter_BMNHZ, final_BNHZ = after_BINHZ[:, :-1], after_BINHZ[:, -1]
-    if C_BTGZ is None:
+        local_BoNHZ = jnp.concatenate([h0_BNHZ[:, None], local_BJNHZ], axis=1)
+        chunk_decay_BNO = jnp.pad(cum_BJTN[:, :, -1], ((0, 0), (1, 0), (0, 0))).swapaxes(1, 2)
+        same_BOo = last_BO[:, :, None] == last_BO[:, None, :]
+        pass_BOoN = jnp.where(same_BOo[..., None], jnp.moveaxis(jnp.exp(_segsum(chunk_decay_BNO)), 1, -1), 0.0)
+        after_BONHZ = jnp.einsum("BOoN,BoNHZ->BONHZ", pass_BOoN, local_BoNHZ)
+    enter_BJNHZ, final_BNHZ = after_BONHZ[:, :-1], after_BONHZ[:, -1]
+    if C_BTUZ is None:
         return None, final_BNHZ
 
     # 3. Outputs: the intra-chunk quadratic form plus the decayed entering state.
-    C_BMTGZ = chunk(C_BTGZ)
-    same_BMTS = runs_BMT[:, :, :, None] == runs_BMT[:, :, None, :]
-    decay_BMTSN = jnp.where(same_BMTS[..., None], jnp.moveaxis(jnp.exp(_segsum(jnp.moveaxis(dtA_BMTN, 3, 2))), 2, -1),
+    C_BJTUZ = chunk(C_BTUZ)
+    same_BJTS = runs_BJT[:, :, :, None] == runs_BJT[:, :, None, :]
+    decay_BJTSN = jnp.where(same_BJTS[..., None], jnp.moveaxis(jnp.exp(_segsum(jnp.moveaxis(dtA_BJTN, 3, 2))), 2, -1),
                             0.0)
-    CB_BMTSN = _heads(jnp.einsum("BMTGZ,BMSGZ->BMTSG", C_BMTGZ, B_BMTGZ), N, 4)
-    y_BMTNH = jnp.einsum("BMTSN,BMSNH->BMTNH", CB_BMTSN * decay_BMTSN, dtx_BMTNH)
-    from_enter_BMTN = jnp.exp(cum_BMTN) * (runs_BMT == enter_BM[..., None])[..., None]
-    y_BMTNH += jnp.einsum("BMTNZ,BMNHZ,BMTN->BMTNH", _heads(C_BMTGZ, N, 3), enter_BMNHZ, from_enter_BMTN)
-    return y_BMTNH.reshape(Bn, M * C, N, H)[:, :T], final_BNHZ
+    CB_BJTSN = _heads(jnp.einsum("BJTUZ,BJSUZ->BJTSU", C_BJTUZ, B_BJTUZ), N, 4)
+    y_BJTNH = jnp.einsum("BJTSN,BJSNH->BJTNH", CB_BJTSN * decay_BJTSN, dtx_BJTNH)
+    from_enter_BJTN = jnp.exp(cum_BJTN) * (runs_BJT == enter_BJ[..., None])[..., None]
+    y_BJTNH += jnp.einsum("BJTNZ,BJNHZ,BJTN->BJTNH", _heads(C_BJTUZ, N, 3), enter_BJNHZ, from_enter_BJTN)
+    return y_BJTNH.reshape(Bn, J * C, N, H)[:, :T], final_BNHZ
 
 
 # ------------------------------------------------------------------------------------ decode-state rings
@@ -168,9 +168,9 @@ def _chunked(dtx_BTNH, dtA_BTN, B_BTGZ, C_BTGZ, chunk_size, h0_BNHZ=None, segmen
 
 def conv_window(conv_BWY, lengths_B, size: int):
     """Conv inputs of positions lengths-size .. lengths-1 (zeros before position 0): [B, size, Y]."""
-    pos_BP = lengths_B[:, None] - size + jnp.arange(size)
-    win_BPY = conv_BWY[jnp.arange(conv_BWY.shape[0])[:, None], pos_BP % conv_BWY.shape[1]]
-    return jnp.where((pos_BP >= 0)[..., None], win_BPY, 0)
+    pos_BS = lengths_B[:, None] - size + jnp.arange(size)
+    win_BSY = conv_BWY[jnp.arange(conv_BWY.shape[0])[:, None], pos_BS % conv_BWY.shape[1]]
+    return jnp.where((pos_BS >= 0)[..., None], win_BSY, 0)
 
 
 def current_state(ssm_BQNHZ, lengths_B):
@@ -179,30 +179,30 @@ def current_state(ssm_BQNHZ, lengths_B):
     return jnp.where((lengths_B > 0)[:, None, None, None], h_BNHZ, 0.0).astype(F32)
 
 
-def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BGZ, C_BGZ):
+def ring_step(ssm_BQNHZ, lengths_B, x_BNH, dt_BN, A_N, B_BUZ, C_BUZ):
     """`ssd_step` from the current state of a state ring, with the new state written into slot lengths % Q in place:
     returns (y_BNH, ring). A one-slot ring (rollback window 0, as `generate` uses) is updated in its own
     [B, 1, ...] shape, which XLA computes in place (a [B, N, H, Z] state written into slot 0 was copied)."""
     dt_BN = dt_BN.astype(F32)
-    dtx_BNH, dtA_BN, B_BGZ = computed_once(x_BNH.astype(F32) * dt_BN[..., None]), dt_BN * A_N, computed_once(
-        B_BGZ.astype(F32))
+    dtx_BNH, dtA_BN, B_BUZ = computed_once(x_BNH.astype(F32) * dt_BN[..., None]), dt_BN * A_N, computed_once(
+        B_BUZ.astype(F32))
     if ssm_BQNHZ.shape[1] == 1:
         h_B1NHZ = jnp.where((lengths_B > 0).reshape(-1, 1, 1, 1, 1), ssm_BQNHZ, 0.0)  # an empty row starts at 0
-        _, ssm_BQNHZ = _step(h_B1NHZ, dtx_BNH[:, None], dtA_BN[:, None], B_BGZ[:, None])
+        _, ssm_BQNHZ = _step(h_B1NHZ, dtx_BNH[:, None], dtA_BN[:, None], B_BUZ[:, None])
         h_BNHZ = ssm_BQNHZ[:, 0]
     else:
-        _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), dtx_BNH, dtA_BN, B_BGZ)
+        _, h_BNHZ = _step(current_state(ssm_BQNHZ, lengths_B), dtx_BNH, dtA_BN, B_BUZ)
         ssm_BQNHZ, h_BNHZ = write_before_read(ssm_BQNHZ, lengths_B, h_BNHZ)
-    return jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BGZ.astype(F32), h_BNHZ.shape[1], 1)), ssm_BQNHZ
+    return jnp.einsum("BNHZ,BNZ->BNH", h_BNHZ, _heads(C_BUZ.astype(F32), h_BNHZ.shape[1], 1)), ssm_BQNHZ
 
 
 def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64):
     """Fold the first valid_B[b] steps of a multi-token call that started at length start_B into the rings.
 
-    pending = (dtx_BTNH, dtA_BTN, B_BTGZ, xbc_BTY): the call's discretised SSM inputs and raw conv inputs.
+    pending = (dtx_BTNH, dtA_BTN, B_BTUZ, xbc_BTY): the call's discretised SSM inputs and raw conv inputs.
     Steps past valid_B are dropped, so right padding never reaches the state. The state ring gets the states
     after the last Q valid positions: everything older is folded by one masked chunked scan, then Q steps."""
-    dtx_BTNH, dtA_BTN, B_BTGZ, xbc_BTY = pending
+    dtx_BTNH, dtA_BTN, B_BTUZ, xbc_BTY = pending
     Bn, T = dtA_BTN.shape[:2]
     W, Q = conv_BWY.shape[1], ssm_BQNHZ.shape[1]
     end_B = start_B + valid_B
@@ -216,7 +216,7 @@ def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64)
     # State ring: fold steps [0, valid - Q) at once, then step through the last Q, writing each state.
     t_T = jnp.arange(T)
     fold_BT = t_T < jnp.maximum(valid_B - Q, 0)[:, None]
-    _, h_BNHZ = _chunked(dtx_BTNH * fold_BT[..., None, None], dtA_BTN * fold_BT[..., None], B_BTGZ, None,
+    _, h_BNHZ = _chunked(dtx_BTNH * fold_BT[..., None, None], dtA_BTN * fold_BT[..., None], B_BTUZ, None,
                          chunk_size, current_state(ssm_BQNHZ, start_B))
 
     def step(carry, k):
@@ -224,7 +224,7 @@ def commit(conv_BWY, ssm_BQNHZ, pending, start_B, valid_B, chunk_size: int = 64)
         rel_B = valid_B - Q + k  # position within the call
         live_B = rel_B >= 0
         at = lambda a: a[jnp.arange(Bn), jnp.clip(rel_B, 0, T - 1)]
-        _, h_new = _step(h_BNHZ, at(dtx_BTNH), at(dtA_BTN), at(B_BTGZ))
+        _, h_new = _step(h_BNHZ, at(dtx_BTNH), at(dtA_BTN), at(B_BTUZ))
         h_BNHZ = jnp.where(live_B[:, None, None, None], h_new, h_BNHZ)
         pos_B = start_B + rel_B  # rows that are not live write their slot's own value back
         value_BNHZ = jnp.where(live_B[:, None, None, None], h_BNHZ, ring_read(ring_BQNHZ, pos_B))
@@ -291,8 +291,8 @@ class Mamba2Pending:
 @flax.struct.dataclass
 class Mamba2LayerState(RingState):
     """One Mamba-2 layer's decode state (letters: W conv-input slots, Q state slots, Y conv channels; R_w the
-    rollback window, K_w the conv width):
-    - `conv_BWY`: the conv inputs of the last W = K_w - 1 + R_w positions, position p in slot p % W;
+    rollback window):
+    - `conv_BWY`: the conv inputs of the last W = conv_width - 1 + R_w positions, position p in slot p % W;
     - `ssm_BQNHZ`: the states after each of the last Q = R_w + 1 positions, position p in slot p % Q (f32);
     - `floor_B`: the shortest length a rollback can restore (length - R_w after a write);
     - `pending`: a multi-token call's inputs, folded in by `commit` once the valid lengths are known.
@@ -320,13 +320,13 @@ class Mamba2LayerState(RingState):
 # ----------------------------------------------------------------------------------------------- mixer
 
 
-def causal_conv(xbc_BTY, w_WY, b_Y, prev_BPY=None, runs_BT=None):
-    """Depthwise causal conv, out_t = b + Σ_k w_k in_{t-W+1+k} (HF conv1d order). prev_BPY: the W-1 inputs before
+def causal_conv(xbc_BTY, w_WY, b_Y, prev_BWY=None, runs_BT=None):
+    """Depthwise causal conv, out_t = b + Σ_k w_k in_{t-W+1+k} (HF conv1d order). prev_BWY: the W - 1 inputs before
     position 0 (zeros if None). With runs_BT, inputs from another segment count as zero."""
     W, (Bn, T, Y) = w_WY.shape[0], xbc_BTY.shape
-    if prev_BPY is None:
-        prev_BPY = jnp.zeros((Bn, W - 1, Y), xbc_BTY.dtype)
-    full_BSY = jnp.concatenate([prev_BPY.astype(F32), xbc_BTY.astype(F32)], axis=1)
+    if prev_BWY is None:
+        prev_BWY = jnp.zeros((Bn, W - 1, Y), xbc_BTY.dtype)
+    full_BSY = jnp.concatenate([prev_BWY.astype(F32), xbc_BTY.astype(F32)], axis=1)
     out_BTY = jnp.broadcast_to(b_Y.astype(F32), (Bn, T, Y))
     for k in range(W):
         tap_BTY = full_BSY[:, k : k + T] * w_WY[k].astype(F32)
@@ -382,7 +382,7 @@ class Mamba2Mixer(nn.Module):
         cfg, s = self.cfg, self.cfg.ssm
         if s.impl == "pallas":
             raise NotImplementedError("ssm.impl='pallas': the SSD kernel is not written yet; use 'xla' or 'auto'")
-        D, N, H, G, Z, I, Y, W = (cfg.d_model, s.num_heads, s.head_dim, s.n_groups, s.state_size, s.inner_dim,
+        D, N, H, U, Z, I, Y, W = (cfg.d_model, s.num_heads, s.head_dim, s.n_groups, s.state_size, s.inner_dim,
                                   s.conv_dim, s.conv_width)
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         ones, zeros = nn.initializers.ones, nn.initializers.zeros
@@ -398,10 +398,10 @@ class Mamba2Mixer(nn.Module):
         out_proj = self.param("out_proj", dense_init(I, ("ssm_inner", "embed")), (I, D), pd)
 
         Bn, T, _ = x_BTD.shape
-        zxbcdt_BTP = x_BTD.astype(dt) @ in_proj.astype(dt)
+        zxbcdt = x_BTD.astype(dt) @ in_proj.astype(dt)  # z | xBC | dt
         if s.use_bias:
-            zxbcdt_BTP += self.param("in_proj_bias", part(zeros, ("ssm_proj",)), (I + Y + N,), pd).astype(dt)
-        z_BTI, xbc_BTY, dt_BTN = jnp.split(zxbcdt_BTP, [I, I + Y], axis=-1)
+            zxbcdt += self.param("in_proj_bias", part(zeros, ("ssm_proj",)), (I + Y + N,), pd).astype(dt)
+        z_BTI, xbc_BTY, dt_BTN = jnp.split(zxbcdt, [I, I + Y], axis=-1)
 
         runs_BT = None if segment_ids_BT is None else _runs(segment_ids_BT)
         if state is not None:
@@ -411,30 +411,30 @@ class Mamba2Mixer(nn.Module):
             # Write this position's conv input first, then read the W - 1 before it from the written ring (a
             # read unordered with the in-place write makes XLA copy the ring).
             conv_BWY = ring_write(state.conv_BWY, lengths_B, xbc_BTY[:, 0])
-            prev_BPY = conv_window(conv_BWY, lengths_B, W - 1)
+            prev_BWY = conv_window(conv_BWY, lengths_B, W - 1)
         else:  # also a ring of W - 1 slots (rollback_window 0), which the write would overwrite first
-            prev_BPY = None if state is None else conv_window(state.conv_BWY, lengths_B, W - 1)
+            prev_BWY = None if state is None else conv_window(state.conv_BWY, lengths_B, W - 1)
             conv_BWY = ring_write(state.conv_BWY, lengths_B, xbc_BTY[:, 0]) if step else None
-        xbc_act_BTY = nn.silu(causal_conv(xbc_BTY, conv_WY, conv_bias_Y, prev_BPY, runs_BT))
+        xbc_act_BTY = nn.silu(causal_conv(xbc_BTY, conv_WY, conv_bias_Y, prev_BWY, runs_BT))
         x_BTNH = xbc_act_BTY[..., :I].reshape(Bn, T, N, H)
-        B_BTGZ, C_BTGZ = (a.reshape(Bn, T, G, Z) for a in jnp.split(xbc_act_BTY[..., I:], 2, axis=-1))
+        B_BTUZ, C_BTUZ = (a.reshape(Bn, T, U, Z) for a in jnp.split(xbc_act_BTY[..., I:], 2, axis=-1))
         delta_BTN = jnp.clip(jax.nn.softplus(dt_BTN.astype(F32) + dt_bias_N.astype(F32)), *s.dt_limit)
         A_N = -jnp.exp(A_log_N.astype(F32))
 
         if step:  # decoding: one recurrent step, written into the rings
             y_BNH, ssm_BQNHZ = ring_step(state.ssm_BQNHZ, lengths_B, x_BTNH[:, 0], delta_BTN[:, 0], A_N,
-                                         B_BTGZ[:, 0], C_BTGZ[:, 0])
+                                         B_BTUZ[:, 0], C_BTUZ[:, 0])
             y_BTNH = y_BNH[:, None]
             state = state.stepped(lengths_B, conv_BWY=conv_BWY, ssm_BQNHZ=ssm_BQNHZ)
         else:
             h0_BNHZ = None if state is None else current_state(state.ssm_BQNHZ, lengths_B)
-            y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTGZ, C_BTGZ, chunk_size=s.chunk_size,
+            y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, chunk_size=s.chunk_size,
                                     initial_state_BNHZ=h0_BNHZ, segment_ids_BT=segment_ids_BT)
             if state is not None:
                 state = state.replace(pending=Mamba2Pending(lengths_B, x_BTNH * delta_BTN[..., None],
-                                                            delta_BTN * A_N, B_BTGZ, xbc_BTY))
+                                                            delta_BTN * A_N, B_BTUZ, xbc_BTY))
         y_BTNH = y_BTNH + x_BTNH * D_N.astype(F32)[:, None]
-        y_BTI = GatedRMSNorm(G, cfg.norm_eps, F32, pd, name="norm")(y_BTNH.reshape(Bn, T, I), z_BTI)
+        y_BTI = GatedRMSNorm(U, cfg.norm_eps, F32, pd, name="norm")(y_BTNH.reshape(Bn, T, I), z_BTI)
         y_BTD = y_BTI.astype(dt) @ out_proj.astype(dt)
         if s.use_bias:
             y_BTD += self.param("out_proj_bias", part(zeros, ("embed",)), (D,), pd).astype(dt)

@@ -19,7 +19,7 @@ Rollback. Attention rolls back by lengths alone. An SSM layer keeps the states o
 committed positions (`init_state(..., rollback_window=)` overrides SSMConfig's for one state: plain sampling
 uses 0, speculative decoding at least γ), so it can restore any length >= its `floor_B`; below that `truncate`
 raises when the lengths are concrete, and under jit it is the caller's contract. SSM state memory per layer and
-row: (K_w - 1 + R_w)·Y·bytes(dtype) + (R_w + 1)·N·H·Z·4 for Mamba-2 (lmx.decoding.cost has both kinds).
+row: (conv_width - 1 + R_w)·Y·bytes(dtype) + (R_w + 1)·N·H·Z·4 for Mamba-2 (lmx.decoding.cost has both kinds).
 
 Capacity. A call of T tokens on a row of length n writes positions n .. n + T - 1, which must be < max_len.
 Outside jit a call that would not fit raises; inside jit the writes are clamped into the buffers (the last slot

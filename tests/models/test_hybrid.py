@@ -50,7 +50,7 @@ def _model(name):
         # with D ~ 0 Mamba-3's per-head output norm (over H = 16) would rescale tiny, rounding-dominated outputs.
         if "scale" in key or "norm" in key or key.endswith("['D']"):
             return 1 + 0.1 * noise
-        if "mimo" in key:  # Mamba-3 MIMO rank weights, init 1/R or 1
+        if "mimo" in key:  # Mamba-3 MIMO rank weights, init 1/M or 1
             return 0.5 + 0.3 * noise
         if "dt_bias" in key:
             return -2 + 0.5 * noise

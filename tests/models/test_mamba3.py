@@ -22,19 +22,19 @@ def make_inputs(seed: int, rank: int | None, *, lam=None, omega=None):
     """rank=None: SISO arrays (B/C without a rank axis, no x_proj)."""
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)
-    R = rank or 1
-    bc = (BATCH, T, N, Z) if rank is None else (BATCH, T, R, N, Z)
+    M = rank or 1
+    bc = (BATCH, T, N, Z) if rank is None else (BATCH, T, M, N, Z)
     args = dict(
         x_BTNH=f(BATCH, T, N, H),
         dt_BTN=np.log1p(np.exp(f(BATCH, T, N) - 1.0)),
         A_BTN=-np.exp(0.5 * f(BATCH, T, N)),
-        B_BTRNZ=f(*bc),
-        C_BTRNZ=f(*bc),
+        B_BTMNZ=f(*bc),
+        C_BTMNZ=f(*bc),
         lam_BTN=1.0 / (1.0 + np.exp(-f(BATCH, T, N))) if lam is None else np.full((BATCH, T, N), lam, np.float32),
         omega_BTNA=np.pi * np.tanh(f(BATCH, T, N, A)) if omega is None else np.full((BATCH, T, N, A), omega,
                                                                                   np.float32),
     )
-    kw = dict(D_N=f(N), x_proj_NRH=None if rank is None else f(N, R, H))
+    kw = dict(D_N=f(N), x_proj_NMH=None if rank is None else f(N, M, H))
     return args, kw
 
 
@@ -43,7 +43,7 @@ def random_state(seed: int, rank: int) -> Mamba3State:
     return Mamba3State(
         ssm_BNHZ=jnp.asarray(rng.standard_normal((BATCH, N, H, Z)), jnp.float32),
         angle_BNA=jnp.asarray(rng.uniform(0, 2 * np.pi, (BATCH, N, A)), jnp.float32),
-        B_prev_BRNZ=jnp.asarray(rng.standard_normal((BATCH, rank, N, Z)), jnp.float32),
+        B_prev_BMNZ=jnp.asarray(rng.standard_normal((BATCH, rank, N, Z)), jnp.float32),
         x_prev_BNH=jnp.asarray(rng.standard_normal((BATCH, N, H)), jnp.float32),
     )
 
@@ -62,7 +62,7 @@ def step_loop(args, kw, state):
 
 def assert_states_close(s1: Mamba3State, s2: Mamba3State):
     np.testing.assert_allclose(s1.ssm_BNHZ, s2.ssm_BNHZ, **TOL)
-    np.testing.assert_allclose(s1.B_prev_BRNZ, s2.B_prev_BRNZ, **TOL)
+    np.testing.assert_allclose(s1.B_prev_BMNZ, s2.B_prev_BMNZ, **TOL)
     np.testing.assert_allclose(s1.x_prev_BNH, s2.x_prev_BNH, **TOL)
     dangle = np.angle(np.exp(1j * (np.asarray(s1.angle_BNA, np.float64) - np.asarray(s2.angle_BNA))))
     np.testing.assert_allclose(dangle, 0.0, atol=1e-5)  # angles agree mod 2π
@@ -87,28 +87,28 @@ def numpy_complex_reference(args, kw):
     """The complex-diagonal form: b = B[0::2] + i B[1::2] (pairs past A have ω = 0), eigenvalue Δ(A − iω),
     h_t = e^{Δ_t(A_t − iω_t)} (h_{t−1} + (1−λ_t)Δ_t P_{t−1}) + λ_t Δ_t P_t, y_t[r] = Re(c̄_t[r]ᵀ h_t) + D X_t[r]."""
     a = {k: np.asarray(v, np.float64) for k, v in args.items()}
-    B, C = a["B_BTRNZ"], a["C_BTRNZ"]
+    B, C = a["B_BTMNZ"], a["C_BTMNZ"]
     if B.ndim == 4:
         B, C = B[:, :, None], C[:, :, None]
-    R = B.shape[2]
-    xp = np.ones((N, R, H)) if kw["x_proj_NRH"] is None else np.asarray(kw["x_proj_NRH"], np.float64)
+    M = B.shape[2]
+    xp = np.ones((N, M, H)) if kw["x_proj_NMH"] is None else np.asarray(kw["x_proj_NMH"], np.float64)
     b, c = B[..., 0::2] + 1j * B[..., 1::2], C[..., 0::2] + 1j * C[..., 1::2]
     omega = np.concatenate([a["omega_BTNA"], np.zeros((BATCH, T, N, Z // 2 - A))], axis=-1)
-    X = a["x_BTNH"][:, :, None] * xp.transpose(1, 0, 2)  # [B, T, R, N, H]
+    X = a["x_BTNH"][:, :, None] * xp.transpose(1, 0, 2)  # [B, T, M, N, H]
     dt, lam = a["dt_BTN"], a["lam_BTN"]
     h = np.zeros((BATCH, N, H, Z // 2), complex)
     P_prev = np.zeros_like(h)
     ys = []
     for t in range(T):
-        P = np.einsum("brnh,brnz->bnhz", X[:, t], b[:, t])
+        P = np.einsum("bmnh,bmnz->bnhz", X[:, t], b[:, t])
         eig = np.exp(dt[:, t, :, None] * (a["A_BTN"][:, t, :, None] - 1j * omega[:, t]))  # [B, N, Z/2]
         h = eig[:, :, None] * (h + ((1 - lam[:, t]) * dt[:, t])[..., None, None] * P_prev)
         h = h + (lam[:, t] * dt[:, t])[..., None, None] * P
-        y = np.einsum("bnhz,brnz->brnh", h, np.conj(c[:, t])).real + np.asarray(kw["D_N"])[:, None] * X[:, t]
+        y = np.einsum("bnhz,bmnz->bmnh", h, np.conj(c[:, t])).real + np.asarray(kw["D_N"])[:, None] * X[:, t]
         ys.append(y)
         P_prev = P
     y = np.stack(ys, axis=1)
-    return y[:, :, 0] if args["B_BTRNZ"].ndim == 4 else y
+    return y[:, :, 0] if args["B_BTMNZ"].ndim == 4 else y
 
 
 @pytest.mark.parametrize("rank", [None, 3], ids=["siso", "mimo"])
@@ -126,15 +126,15 @@ def test_lambda_one_no_rotation_is_mamba2_euler(rank):
     """λ = 1, ω = 0: h_t = exp(Δ_t A_t) h_{t−1} + Δ_t Σ_r X_t[r] B_t[r]ᵀ, y_t[r] = h_t C_t[r] + D X_t[r]."""
     args, kw = make_inputs(4, rank, lam=1.0, omega=0.0)
     a = {k: np.asarray(v, np.float64) for k, v in args.items()}
-    B, C = (a["B_BTRNZ"], a["C_BTRNZ"]) if rank else (a["B_BTRNZ"][:, :, None], a["C_BTRNZ"][:, :, None])
-    xp = np.ones((N, 1, H)) if rank is None else np.asarray(kw["x_proj_NRH"], np.float64)
+    B, C = (a["B_BTMNZ"], a["C_BTMNZ"]) if rank else (a["B_BTMNZ"][:, :, None], a["C_BTMNZ"][:, :, None])
+    xp = np.ones((N, 1, H)) if rank is None else np.asarray(kw["x_proj_NMH"], np.float64)
     X = a["x_BTNH"][:, :, None] * xp.transpose(1, 0, 2)
     h = np.zeros((BATCH, N, H, Z))
     ys = []
     for t in range(T):
         dt = a["dt_BTN"][:, t, :, None, None]
-        h = np.exp(dt * a["A_BTN"][:, t, :, None, None]) * h + dt * np.einsum("brnh,brnz->bnhz", X[:, t], B[:, t])
-        ys.append(np.einsum("bnhz,brnz->brnh", h, C[:, t]) + np.asarray(kw["D_N"])[:, None] * X[:, t])
+        h = np.exp(dt * a["A_BTN"][:, t, :, None, None]) * h + dt * np.einsum("bmnh,bmnz->bnhz", X[:, t], B[:, t])
+        ys.append(np.einsum("bnhz,bmnz->bmnh", h, C[:, t]) + np.asarray(kw["D_N"])[:, None] * X[:, t])
     y_ref = np.stack(ys, axis=1)
     y_ref = y_ref if rank else y_ref[:, :, 0]
     state = zero_state(rank)  # explicit zeros: the same compiled programs as the tests above
@@ -154,7 +154,7 @@ def test_halves_layout_is_a_permutation_of_interleaved():
     args, kw = make_inputs(6, 3)
     y_int, s_int = naive(*args.values(), state=zero_state(3), **kw)
     inv = np.argsort(perm)
-    permuted = dict(args, B_BTRNZ=args["B_BTRNZ"][..., inv], C_BTRNZ=args["C_BTRNZ"][..., inv])
+    permuted = dict(args, B_BTMNZ=args["B_BTMNZ"][..., inv], C_BTMNZ=args["C_BTMNZ"][..., inv])
     y_half, s_half = naive(*permuted.values(), rope="halves", state=zero_state(3), **kw)
     np.testing.assert_allclose(y_half, y_int, **TOL)
     np.testing.assert_allclose(np.asarray(s_half.ssm_BNHZ)[..., perm], s_int.ssm_BNHZ, **TOL)
@@ -166,7 +166,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=f"chunk_size={bad}"):
             mamba3_chunked(*args.values(), chunk_size=bad, **kw)
     cases = {
-        "C_BTRNZ": dict(args, C_BTRNZ=args["C_BTRNZ"][..., :6]),
+        "C_BTMNZ": dict(args, C_BTMNZ=args["C_BTMNZ"][..., :6]),
         "dt_BTN": dict(args, dt_BTN=args["dt_BTN"][:, :5]),
         "omega_BTNA": dict(args, omega_BTNA=args["omega_BTNA"][:, :, :1]),
         "A=5 rotary angles": dict(args, omega_BTNA=np.zeros((BATCH, T, N, 5), np.float32)),
@@ -174,16 +174,16 @@ def test_bad_inputs_raise_clear_errors():
     for name, bad_args in cases.items():
         with pytest.raises(ValueError, match=name):
             mamba3_naive(*bad_args.values(), **kw)
-    with pytest.raises(ValueError, match="x_proj_NRH has R=2"):
-        mamba3_naive(*args.values(), D_N=kw["D_N"], x_proj_NRH=kw["x_proj_NRH"][:, :2])
-    with pytest.raises(ValueError, match=r"x_proj_NRH has shape \(2, 3, 3\)"):
-        mamba3_naive(*args.values(), D_N=kw["D_N"], x_proj_NRH=kw["x_proj_NRH"][..., :3])
-    with pytest.raises(ValueError, match="state.B_prev_BRNZ"):
+    with pytest.raises(ValueError, match="x_proj_NMH has M=2"):
+        mamba3_naive(*args.values(), D_N=kw["D_N"], x_proj_NMH=kw["x_proj_NMH"][:, :2])
+    with pytest.raises(ValueError, match=r"x_proj_NMH has shape \(2, 3, 3\)"):
+        mamba3_naive(*args.values(), D_N=kw["D_N"], x_proj_NMH=kw["x_proj_NMH"][..., :3])
+    with pytest.raises(ValueError, match="state.B_prev_BMNZ"):
         mamba3_chunked(*args.values(), chunk_size=4, state=random_state(0, 2), **kw)
     with pytest.raises(ValueError, match="rope='complex'"):
         mamba3_naive(*args.values(), rope="complex", **kw)
-    with pytest.raises(ValueError, match="B_BRNZ has R=2"):
-        mamba3_step(random_state(0, 3), *(a[:, 0] for a in dict(args, B_BTRNZ=args["B_BTRNZ"][:, :, :2]).values()),
+    with pytest.raises(ValueError, match="B_BMNZ has M=2"):
+        mamba3_step(random_state(0, 3), *(a[:, 0] for a in dict(args, B_BTMNZ=args["B_BTMNZ"][:, :, :2]).values()),
                     **kw)
 
 
@@ -218,7 +218,7 @@ def test_mixer_params_and_errors():
     assert "mimo_x" not in abstract and abstract["in_B"].shape == (16, 1, 8)
     assert abstract["in_angles"].shape == (16, 2)  # rope_fraction 0.5 of Z=8 -> 2 angles
     y, state = jax.eval_shape(siso.apply, {"params": abstract}, x_BTD)
-    assert y.shape == x_BTD.shape and state.B_prev_BRNZ.shape == (2, 1, 2, 8)
+    assert y.shape == x_BTD.shape and state.B_prev_BMNZ.shape == (2, 1, 2, 8)
     with pytest.raises(ValueError, match="x_BTD"):
         jax.eval_shape(siso.apply, {"params": abstract}, x_BTD[..., :8])
     with pytest.raises(ValueError, match="state_size=7"):
@@ -259,7 +259,7 @@ def test_commit_writes_the_states_of_the_last_valid_positions():
     start, valid = np.array([5, 0]), np.array([11, 2])  # row 0 folds 8 tokens onto a state; row 1 < Q tokens
     init = random_state(11, rank)
     init = jax.tree.map(lambda a: a.at[1].set(0.0), init)  # row 1 is empty: its current state is zeros
-    fields = lambda s: (s.ssm_BNHZ, s.angle_BNA, s.B_prev_BRNZ, s.x_prev_BNH)
+    fields = lambda s: (s.ssm_BNHZ, s.angle_BNA, s.B_prev_BMNZ, s.x_prev_BNH)
     rng = np.random.default_rng(12)
     rings = [rng.standard_normal((BATCH, Q) + a.shape[1:]).astype(np.float32) for a in fields(init)]
     for ring, a in zip(rings, fields(init), strict=True):
@@ -270,8 +270,8 @@ def test_commit_writes_the_states_of_the_last_valid_positions():
         _, state = step(state, *(a[:, t] for a in args.values()), **kw)
         states.append(state)
     pending = (args["x_BTNH"], args["dt_BTN"], args["A_BTN"], args["lam_BTN"],
-               jnp.stack([s.angle_BNA for s in states], 1), jnp.stack([s.B_prev_BRNZ for s in states], 1),
-               jnp.broadcast_to(kw["x_proj_NRH"], (BATCH, N, rank, H)))
+               jnp.stack([s.angle_BNA for s in states], 1), jnp.stack([s.B_prev_BMNZ for s in states], 1),
+               jnp.broadcast_to(kw["x_proj_NMH"], (BATCH, N, rank, H)))
     out = jax.jit(commit)(tuple(map(jnp.asarray, rings)), pending, jnp.asarray(start), jnp.asarray(valid))
     for b in range(BATCH):
         end = start[b] + valid[b]

@@ -111,9 +111,9 @@ class RefConfig:
 def reference_zero_state(cfg: RefConfig, batch: int):
     """allocate_inference_cache: (angle_dt_state, ssm_state, k_state, v_state); v_state is kept here already
     up-projected by mimo_x, as mamba3_MIMO_step_ref keeps V_State."""
-    N, P, S, R = cfg.nheads, cfg.headdim, cfg.d_state, cfg.mimo_rank
-    return (np.zeros((batch, N, cfg.num_rope_angles)), np.zeros((batch, N, P, S)), np.zeros((batch, R, N, S)),
-            np.zeros((batch, R, N, P)))
+    N, H, Z, M = cfg.nheads, cfg.headdim, cfg.d_state, cfg.mimo_rank
+    return (np.zeros((batch, N, cfg.num_rope_angles)), np.zeros((batch, N, H, Z)), np.zeros((batch, M, N, Z)),
+            np.zeros((batch, M, N, H)))
 
 
 def reference_mamba3(u, p, cfg: RefConfig, state=None):
@@ -121,17 +121,17 @@ def reference_mamba3(u, p, cfg: RefConfig, state=None):
     (the reference's forward and step agree; its kernels are tested against these step refs). p: reference
     parameter names (see to_reference). Returns (out [batch, seqlen, d_model], final state)."""
     batch, seqlen, _ = u.shape
-    N, P, S, R, nA = cfg.nheads, cfg.headdim, cfg.d_state, cfg.mimo_rank, cfg.num_rope_angles
-    d_inner = N * P
+    N, H, Z, M, nA = cfg.nheads, cfg.headdim, cfg.d_state, cfg.mimo_rank, cfg.num_rope_angles
+    d_inner = N * H
 
     # forward(): zxBCdtAtrap = in_proj(u), split as [z, x, B, C, dd_dt, dd_A, trap, angles].
     proj = u @ p["in_proj.weight"].T
-    sizes = [d_inner, d_inner, S * R, S * R, N, N, N, nA]
+    sizes = [d_inner, d_inner, Z * M, Z * M, N, N, N, nA]
     z, x, B, C, dd_dt, dd_A, trap, angles = np.split(proj, np.cumsum(sizes)[:-1], axis=-1)
-    z = z.reshape(batch, seqlen, N, P)  # "b l (h p) -> b l h p"
-    x = x.reshape(batch, seqlen, N, P)
-    B = B.reshape(batch, seqlen, R, S)  # "b l (r g n) -> b l r g n" with g = ngroups = 1
-    C = C.reshape(batch, seqlen, R, S)
+    z = z.reshape(batch, seqlen, N, H)  # "b l (h p) -> b l h p"
+    x = x.reshape(batch, seqlen, N, H)
+    B = B.reshape(batch, seqlen, M, Z)  # "b l (r g n) -> b l r g n" with g = ngroups = 1
+    C = C.reshape(batch, seqlen, M, Z)
 
     # forward(): _A = clamp(-heavy_tail_activation(dd_A), max=-A_floor); DT = softplus(dd_dt + dt_bias).
     A = np.minimum(-heavy_tail_activation(dd_A), -cfg.A_floor)  # [b, l, N]
@@ -143,21 +143,21 @@ def reference_mamba3(u, p, cfg: RefConfig, state=None):
     # forward(): B = B_norm(B), C = C_norm(C): RMSNorm over d_state, one weight shared by ranks and heads.
     B = rms_norm(B, p["B_norm.weight"])
     C = rms_norm(C, p["C_norm.weight"])
-    # Kernel refs: q = Q + Q_bias, k = K + K_bias, per (head, rank), before the rotation; bias [N, R, S].
-    K_in = B[:, :, :, None, :] + np.swapaxes(p["B_bias"], 0, 1)  # [b, l, R, N, S]
+    # Kernel refs: q = Q + Q_bias, k = K + K_bias, per (head, rank), before the rotation; bias [N, M, Z].
+    K_in = B[:, :, :, None, :] + np.swapaxes(p["B_bias"], 0, 1)  # [b, l, M, N, Z]
     Q_in = C[:, :, :, None, :] + np.swapaxes(p["C_bias"], 0, 1)
     # MIMO up-projection v_proj = einsum("bthd,hrd->btrhd", V, MIMO_V); SISO: xpj = ones (step()).
-    mimo_x = p["mimo_x"] if R > 1 else np.ones((N, R, P))
-    V = np.einsum("blhp,hrp->blrhp", x, mimo_x)  # [b, l, R, N, P]
+    mimo_x = p["mimo_x"] if M > 1 else np.ones((N, M, H))
+    V = np.einsum("blhp,hrp->blrhp", x, mimo_x)  # [b, l, M, N, H]
 
     angle_state, ssm_state, k_state, v_state = reference_zero_state(cfg, batch) if state is None else state
-    y = np.empty((batch, seqlen, R, N, P))
+    y = np.empty((batch, seqlen, M, N, H))
     for t in range(seqlen):
         # Angle_State += tanh(angle)·π·DT (mod 2π in the SISO ref; cos/sin do not care).
         angle_state = angle_state + omega[:, t, None, :] * DT[:, t, :, None]
-        q = apply_rotary(Q_in[:, t], angle_state[:, None], cfg.pairwise)  # [b, R, N, S]
+        q = apply_rotary(Q_in[:, t], angle_state[:, None], cfg.pairwise)  # [b, M, N, Z]
         k = apply_rotary(K_in[:, t], angle_state[:, None], cfg.pairwise)
-        v = V[:, t]  # [b, R, N, P]
+        v = V[:, t]  # [b, M, N, H]
         # alpha = exp(ADT), beta = (1 - trap)·dt·alpha, gamma = trap·dt (step refs and mamba3_step_fn).
         alpha = np.exp(A[:, t] * DT[:, t])[..., None, None]
         beta = ((1.0 - lam[:, t]) * DT[:, t])[..., None, None] * alpha
@@ -171,10 +171,10 @@ def reference_mamba3(u, p, cfg: RefConfig, state=None):
 
     # is_outproj_norm: norm(y, z) = RMSNorm over each head's headdim (group_size=headdim), · weight, · silu(z),
     # per rank with z·mimo_z in MIMO (_postprocess / the fused pregate norm), then Σ_r mimo_o[r]·y[r].
-    zr = np.einsum("blhp,hrp->blrhp", z, p["mimo_z"]) if R > 1 else z[:, :, None]
-    y = rms_norm(y.reshape(batch, seqlen, R, d_inner), p["norm.weight"], group_size=P,
-                 z=zr.reshape(batch, seqlen, R, d_inner)).reshape(batch, seqlen, R, N, P)
-    y = np.einsum("blrhp,hrp->blhp", y, p["mimo_o"]) if R > 1 else y[:, :, 0]
+    zr = np.einsum("blhp,hrp->blrhp", z, p["mimo_z"]) if M > 1 else z[:, :, None]
+    y = rms_norm(y.reshape(batch, seqlen, M, d_inner), p["norm.weight"], group_size=H,
+                 z=zr.reshape(batch, seqlen, M, d_inner)).reshape(batch, seqlen, M, N, H)
+    y = np.einsum("blrhp,hrp->blhp", y, p["mimo_o"]) if M > 1 else y[:, :, 0]
     out = y.reshape(batch, seqlen, d_inner) @ p["out_proj.weight"].T
     return out, (angle_state, ssm_state, k_state, v_state)
 
@@ -182,17 +182,17 @@ def reference_mamba3(u, p, cfg: RefConfig, state=None):
 def to_reference(params) -> dict:
     """lmx Mamba3Mixer params -> the reference's parameters (float64), torch layouts (Linear weight [out, in])."""
     f = lambda a: np.asarray(a, np.float64)
-    d_model, N, P = params["in_z"].shape
-    R, S = params["in_B"].shape[1:]
+    d_model, N, H = params["in_z"].shape
+    M, Z = params["in_B"].shape[1:]
     dd = f(params["in_dt_A_trap"])  # [d_model, N, (dt, A, trap)]
-    rows = [f(params["in_z"]).reshape(d_model, N * P).T, f(params["in_x"]).reshape(d_model, N * P).T,
-            f(params["in_B"]).reshape(d_model, R * S).T, f(params["in_C"]).reshape(d_model, R * S).T,
+    rows = [f(params["in_z"]).reshape(d_model, N * H).T, f(params["in_x"]).reshape(d_model, N * H).T,
+            f(params["in_B"]).reshape(d_model, M * Z).T, f(params["in_C"]).reshape(d_model, M * Z).T,
             dd[:, :, 0].T, dd[:, :, 1].T, dd[:, :, 2].T, f(params["in_angles"]).T]
     p = {"in_proj.weight": np.concatenate(rows, axis=0), "dt_bias": f(params["dt_bias"]),
          "B_bias": f(params["B_bias"]), "C_bias": f(params["C_bias"]), "B_norm.weight": f(params["B_norm"]),
          "C_norm.weight": f(params["C_norm"]), "D": f(params["D"]),
-         "norm.weight": f(params["out_norm"]).reshape(N * P),
-         "out_proj.weight": f(params["out"]).reshape(N * P, d_model).T}
+         "norm.weight": f(params["out_norm"]).reshape(N * H),
+         "out_proj.weight": f(params["out"]).reshape(N * H, d_model).T}
     for name in ("mimo_x", "mimo_z", "mimo_o"):
         if name in params:
             p[name] = f(params[name])  # [nheads, mimo_rank, headdim] in both
@@ -217,7 +217,7 @@ def random_params(abstract, d_model: int, seed: int):
             v = rng.standard_normal(a.shape)
         elif name in ("dt_bias", "B_bias", "C_bias"):  # Δ = softplus(· + dt_bias) around 0.7; biases ~ B, C
             v = (0.5 if name == "dt_bias" else 1.0) * rng.standard_normal(a.shape)
-        else:  # norm scales, D, mimo_x / mimo_z / mimo_o: around their init of 1 (or 1/R)
+        else:  # norm scales, D, mimo_x / mimo_z / mimo_o: around their init of 1 (or 1/M)
             v = 1.0 + 0.5 * rng.standard_normal(a.shape)
         return jnp.asarray(v, a.dtype)
 
@@ -248,7 +248,7 @@ def assert_state_close(state, ref_state, mimo_x, what):
     k_state = the rotated B, v_state = x up-projected)."""
     angle, ssm, k, v = ref_state
     assert_close(state.ssm_BNHZ, ssm, f"{what}: ssm_state")
-    assert_close(state.B_prev_BRNZ, k, f"{what}: k_state (rotated B)")
+    assert_close(state.B_prev_BMNZ, k, f"{what}: k_state (rotated B)")
     np.testing.assert_allclose(np.exp(1j * np.asarray(state.angle_BNA, np.float64)), np.exp(1j * angle),
                                atol=1e-5, err_msg=f"{what}: angle_dt_state (mod 2π)")
     assert_close(np.asarray(state.x_prev_BNH)[:, None] * np.swapaxes(mimo_x, 0, 1), v, f"{what}: v_state")
@@ -258,19 +258,19 @@ def assert_state_close(state, ref_state, mimo_x, what):
 def test_mixer_matches_reference_transcription(case):
     """Teacher-forced (chunked: 7 tokens in chunks of 3) output and final state; with `carry`, 7 more tokens
     chunked from that state (the same compiled program) and one O(1) decode step."""
-    R, frac, rope, carry = CASES[case]
-    D, N, P, S, batch, T = 16, 2, 8, 8, 2, 7
-    mixer = Mamba3Mixer(d_model=D, num_heads=N, head_dim=P, state_size=S, mimo_rank=R, rope_fraction=frac,
+    M, frac, rope, carry = CASES[case]
+    D, N, H, Z, batch, T = 16, 2, 8, 8, 2, 7
+    mixer = Mamba3Mixer(d_model=D, num_heads=N, head_dim=H, state_size=Z, mimo_rank=M, rope_fraction=frac,
                         chunk_size=3, rope=rope, A_floor=A_FLOOR, norm_eps=EPS)
-    cfg = RefConfig(D, N, P, S, R, frac, A_FLOOR, None if rope is None else rope == "interleaved")
+    cfg = RefConfig(D, N, H, Z, M, frac, A_FLOOR, None if rope is None else rope == "interleaved")
     assert mixer.num_angles == cfg.num_rope_angles
     u = np.random.default_rng(1).standard_normal((batch, 2 * T + 1, D)).astype(np.float32)
     params = random_params(jax.eval_shape(mixer.init, jax.random.PRNGKey(0), u[:, :T])["params"], D, seed=2)
     p = to_reference(params)
-    mimo_x = p.get("mimo_x", np.ones((N, R, P)))
+    mimo_x = p.get("mimo_x", np.ones((N, M, H)))
     want, ref_state = reference_mamba3(u[:, :T].astype(np.float64), p, cfg)
     # The inputs make the A floor bind on some tokens (not all).
-    dd_A = u.astype(np.float64) @ p["in_proj.weight"][2 * N * P + 2 * R * S + N: 2 * N * P + 2 * R * S + 2 * N].T
+    dd_A = u.astype(np.float64) @ p["in_proj.weight"][2 * N * H + 2 * M * Z + N: 2 * N * H + 2 * M * Z + 2 * N].T
     assert 0.1 < np.mean(heavy_tail_activation(dd_A) < A_FLOOR) < 0.9
 
     apply = jax.jit(mixer.apply)
@@ -279,7 +279,7 @@ def test_mixer_matches_reference_transcription(case):
         assert_close(y, want, f"{case}: teacher-forced output")
         assert_state_close(state, ref_state, mimo_x, case)
         return
-    zeros = Mamba3State.zeros(batch, N, P, S, cfg.num_rope_angles, R)
+    zeros = Mamba3State.zeros(batch, N, H, Z, cfg.num_rope_angles, M)
     y1, s1 = apply({"params": params}, u[:, :T], zeros)
     assert_close(y1, want, f"{case}: teacher-forced output")
     assert_state_close(s1, ref_state, mimo_x, case)

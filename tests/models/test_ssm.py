@@ -22,7 +22,7 @@ from lmx.models import (
 from lmx.models.backend import ring_read, ring_write
 from lmx.models.ssm import commit, current_state, ring_step, ssd_chunked, ssd_naive, ssd_step
 
-B, T, N, H, Z, G = 2, 11, 4, 3, 5, 2
+B, T, N, H, Z, U = 2, 11, 4, 3, 5, 2
 CHUNKS = (1, 3, 4, 16)  # 16 > T: a single padded chunk
 
 
@@ -31,7 +31,7 @@ def _inputs(seed=0):
     x = r.standard_normal((B, T, N, H)).astype(np.float32)
     dt = np.log1p(np.exp(r.standard_normal((B, T, N)))).astype(np.float32)  # softplus: > 0
     A = -np.exp(r.standard_normal(N)).astype(np.float32)
-    Bm, Cm = (r.standard_normal((B, T, G, Z)).astype(np.float32) for _ in range(2))
+    Bm, Cm = (r.standard_normal((B, T, U, Z)).astype(np.float32) for _ in range(2))
     h0 = r.standard_normal((B, N, H, Z)).astype(np.float32)
     # row 1: segments start at 3 (inside a chunk of 4, on a boundary of 3) and at 8 (a boundary of 4);
     # ids need not increase, only change
@@ -42,16 +42,16 @@ def _inputs(seed=0):
 def _numpy_ssd(x, dt, A, Bm, Cm, h0, seg):
     """Independent loop: h <- exp(dt A) h + dt x Bᵀ, y = h C; h <- 0 where the segment id changes."""
     y, hs = np.zeros_like(x), []
-    rep = N // G
+    rep = N // U
     for b in range(B):
         h = h0[b].astype(np.float64)
         for t in range(T):
             if t and seg[b, t] != seg[b, t - 1]:
                 h = np.zeros_like(h)
             for n in range(N):
-                g = n // rep
-                h[n] = np.exp(dt[b, t, n] * A[n]) * h[n] + dt[b, t, n] * np.outer(x[b, t, n], Bm[b, t, g])
-                y[b, t, n] = h[n] @ Cm[b, t, g]
+                u = n // rep
+                h[n] = np.exp(dt[b, t, n] * A[n]) * h[n] + dt[b, t, n] * np.outer(x[b, t, n], Bm[b, t, u])
+                y[b, t, n] = h[n] @ Cm[b, t, u]
         hs.append(h)
     return y, np.stack(hs)
 
@@ -109,8 +109,8 @@ def test_commit_keeps_the_last_states_and_conv_inputs():
         states = {start[b] - 1: h.copy()}
         for t in range(valid[b]):
             for n in range(N):
-                g = n // (N // G)
-                h[n] = np.exp(dt[b, t, n] * A[n]) * h[n] + dt[b, t, n] * np.outer(x[b, t, n], Bm[b, t, g])
+                u = n // (N // U)
+                h[n] = np.exp(dt[b, t, n] * A[n]) * h[n] + dt[b, t, n] * np.outer(x[b, t, n], Bm[b, t, u])
             states[start[b] + t] = h.copy()
         end = start[b] + valid[b]
         for p in range(end - Q, end):
