@@ -150,13 +150,14 @@ def test_bad_input_fails_early_naming_the_value(tiny, prompts, kw, match):
 
 
 def test_sampled_steps_draw_with_fresh_keys(tiny):
-    """With flat logits (final norm scale 0: every logit is 0) each draw is uniform over the vocabulary, so a
-    sample repeats one token for 24 steps, or two rows agree everywhere, only if a step's key repeats."""
+    """With flat logits (final norm scale 0: every logit is 0) each draw is uniform over the 128 tokens: 24 fresh
+    draws give ~22 distinct tokens per row (12 or fewer has probability < 1e-9), and rows differ. A key reused
+    across steps repeats the same token per row."""
     model, params = tiny("llama-tiny")
     flat = {**params, "final_norm": jax.tree.map(jnp.zeros_like, params["final_norm"])}
     g = generate(model, flat, PROMPTS, max_new_tokens=24, sampler=Sampler(), rng=jax.random.key(3), num_samples=4)
     rows = np.asarray(g.tokens_BRT).reshape(-1, 24)
-    assert all(len(set(row.tolist())) > 1 for row in rows)  # per row: steps differ
+    assert all(len(set(row.tolist())) > 12 for row in rows)  # per row: steps draw afresh
     assert len({tuple(row) for row in rows}) == len(rows)  # rows differ
     np.testing.assert_allclose(g.logprobs_BRT, -np.log(model.cfg.vocab_size), rtol=1e-5)
 

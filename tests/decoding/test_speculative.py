@@ -11,7 +11,9 @@ import pytest
 import lmx.decoding.speculative as spec
 from lmx.decoding import Sampler, SelfDraft, generate, speculative_generate
 from lmx.decoding.sampling import process_logits
-from lmx.models import init_state, select, truncate
+from lmx.models import init_state
+from lmx.models import select as select_
+from lmx.models import truncate as truncate_
 from lmx.models.mamba3 import current_state as mamba3_current
 from lmx.models.ssm import conv_window, current_state
 
@@ -187,6 +189,7 @@ def test_rollback_after_rejection_equals_decoding_the_prefix(tiny, name):
     model, params = tiny(name)
     cfg = model.cfg
     apply = jax.jit(model.apply)
+    truncate, select = jax.jit(truncate_), jax.jit(select_)  # one program each, not op by op
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 12)), jnp.int32)
     state = truncate(apply({"params": params}, tokens[:, :6], state=init_state(cfg, 2, 16)).state,
                      jnp.asarray([6, 4]))
@@ -203,14 +206,14 @@ def test_rollback_after_rejection_equals_decoding_the_prefix(tiny, name):
     # Each row's accepted prefix decoded directly, alone (no rollback).
     want = []
     for b, k in enumerate(accepted):
-        direct = select(state, [b])
+        direct = select(state, jnp.asarray([b]))
         for i in range(k):
             direct = apply({"params": params}, block[b:b + 1, i:i + 1], state=direct).state
         want.append(direct)
     for rolled in (truncate(stepped, keep), truncate(verified, keep)):
         assert rolled.lengths_B.tolist() == keep.tolist()
         for b, direct in enumerate(want):
-            row = select(rolled, [b])
+            row = select(rolled, jnp.asarray([b]))
             for x, y in zip(valid_view(row, cfg), valid_view(direct, cfg), strict=True):
                 np.testing.assert_allclose(x, y, atol=1e-5)
             # ... and the next token's logits agree.
