@@ -6,7 +6,7 @@ are trained briefly with `lmx.train.loop.train`, or restored from `--model_dir` 
 keyed by the whole training config). Prompts: `--num_prompts` held-out arithmetic prompts (unseen by either
 training stream), bos + CharTokenizer ids; every side stops at eos and after `--max_new_tokens`. Batch B runs the
 prompts in consecutive calls of B; times are of all calls, medians of `--rounds` interleaved rounds after a
-warm-up call of every side (compilation excluded).
+warm-up call of every side (compilation excluded; a side under 0.3 s repeats within each round).
 
 Cases: greedy and sampled (temperature 1); batch 1 and 8; model draft at each γ in --gammas and adaptive
 (γ ≤ --adaptive_gamma); self-draft SelfDraft(num_layers=L//2) at each γ in --self_gammas. Each case prints one
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--gammas", default="2,4,8")
     p.add_argument("--adaptive_gamma", type=int, default=8, help="largest γ of the adaptive case (0: no case)")
     p.add_argument("--self_gammas", default="4", help="γ values for SelfDraft(L//2) ('' for none)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (interleaved)")
     p.add_argument("--torch_threads", default=f"{os.cpu_count()},1")
     p.add_argument("--seed", type=int, default=0, help="sampling key of the sampled cases")
     p.add_argument("--quick", action="store_true", help="smoke run: 30 training steps, γ=4 only, 1 round")

@@ -89,7 +89,8 @@ def speculative_generate(
     rejection), accepted_tokens, acceptance_rate α = accepted / verified (the per-token acceptance probability of
     the theory; accepted / drafted would also count the tokens after a rejection, which are never tested),
     tokens_per_target_call (tokens a verification yields per live row, before stop tokens and the budget cut
-    them: (1 − α^{γ+1}) / (1 − α) in theory), target_flops, draft_flops, rounds.
+    them: (1 − α^{γ+1}) / (1 − α) in theory), target_flops, draft_flops, rounds, row_rounds (live rows summed
+    over rounds: the denominator of tokens_per_target_call).
     """
     gamma = _int_at_least("gamma", gamma, 1)
     cfg = target.cfg
@@ -286,7 +287,8 @@ def _compiled(target, draft, gamma, adaptive, sampler, stop_tokens, num_samples,
             draft_tokens=counts["draft_tokens"], verified_tokens=counts["verified_tokens"],
             accepted_tokens=counts["accepted_tokens"], acceptance_rate=counts["accepted_tokens"] / verified,
             tokens_per_target_call=counts["call_tokens"] / jnp.maximum(counts["row_rounds"], 1),
-            target_flops=target_flops, draft_flops=draft_flops, rounds=counts["rounds"])
+            target_flops=target_flops, draft_flops=draft_flops, rounds=counts["rounds"],
+            row_rounds=counts["row_rounds"])
         return to_generation(record, B, stats)
 
     return jax.jit(run)
