@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.ssm_decode
 	$(BIN)/python -m benchmarks.compile_depth
+	$(BIN)/python -m benchmarks.speculative
 
 lint: $(STAMP)
 	$(BIN)/ruff check lmx tests experiments benchmarks
