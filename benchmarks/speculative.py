@@ -38,7 +38,7 @@ from benchmarks._common import emit, environment
 from experiments.configs import speculative as spec_config
 from experiments.speculative import calls_of, compare, held_out, trained
 from lmx.data import CharTokenizer, prompt_batch
-from lmx.decoding import Greedy, Sampler, cost
+from lmx.decoding import Greedy, Sampler, SelfDraft, cost
 from lmx.models import save_hf
 
 TOLERANCE = 0.05  # |tokens_per_target_call / theory - 1| within this counts as matching theory
@@ -180,9 +180,6 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count())
     emit("speculative/env", "info", None, **environment("benchmarks.speculative"))
-    import lmx.decoding
-
-    have_spec = hasattr(lmx.decoding, "speculative_generate")
     cfg = spec_config.get_config()
     if args.target_steps:
         cfg.target.train.steps = args.target_steps
@@ -225,13 +222,6 @@ def main(argv=None):
                  torch_threads_kept=kept(s, args.torch_threads),
                  note="lmx plain generate (no speculation) vs transformers, the same prompts and weights")
             args.torch_threads = kept(s, args.torch_threads)
-        if not have_spec:
-            emit("speculative/status", "speculative_generate_available", False,
-                 note="lmx.decoding.speculative_generate not found: the speculative cases were skipped")
-            return
-
-        from lmx.decoding import SelfDraft
-
         for sname in args.samplers:
             sampler = samplers[sname]
             for B in args.batches:

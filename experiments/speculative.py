@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from benchmarks._common import interleaved, median, timed
 from lmx.data import CharTokenizer, get_task, held_out_problems, prompt_batch
-from lmx.decoding import Greedy, Sampler, generate
+from lmx.decoding import Greedy, Sampler, SelfDraft, generate, speculative_generate
 from lmx.models import build
 from lmx.train.loop import model_config, train
 from lmx.train.report import quiet_orbax
@@ -125,8 +125,6 @@ def compare(target, params, calls, *, sampler, max_new_tokens: int, stop_tokens,
     common = dict(max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=tuple(stop_tokens))
     sides = {"generate": side("generate", lambda c, k: generate(target, params, c, rng=k, **common))}
     if spec is not None:
-        from lmx.decoding import speculative_generate
-
         sides["speculative"] = side("speculative", lambda c, k: speculative_generate(
             target, params, c, rng=k, **spec, **common))
     sides.update(extra_sides or {})
@@ -224,8 +222,6 @@ def write_report(run_dir: Path, summary: dict, notes: list[str]):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lmx.decoding import SelfDraft
-
     quiet_orbax()
     cfg = _CONFIG.value
     run_dir = Path(_WORKDIR.value or Path("runs/speculative") / time.strftime("%Y%m%d-%H%M%S"))
