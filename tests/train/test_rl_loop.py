@@ -1,0 +1,81 @@
+"""The RL step: trainer log-probs equal the sampler's, the loss mask holds the stop token, a short run on a toy
+reward raises it (and the same run with the loss's sign flipped lowers it), bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmx.decoding import Sampler, generate
+from lmx.models import build, preset
+from lmx.train import rl
+from lmx.train.optim import OptimConfig, make_optimizer
+from lmx.train.rl_loop import RLConfig, completion_batch, completion_logprobs, make_policy_loss, rl_step
+from lmx.train.sft import make_train_step
+from lmx.train.state import TrainState
+
+PROMPTS = [[5, 9, 17], [3, 1, 4, 1, 5], [42], [7, 7]]
+
+
+def test_trainer_logprobs_equal_the_samplers_and_the_mask_holds_the_stop_token(tiny):
+    model, params = tiny("llama-tiny")
+    stops = tuple(range(0, 128, 9))  # several stop ids, all honoured
+    gen = generate(model, params, PROMPTS, max_new_tokens=8, sampler=Sampler(0.7, top_k=5), rng=jax.random.key(0),
+                   num_samples=3, stop_tokens=stops)
+    batch = completion_batch(PROMPTS, gen, np.zeros((4, 3)))
+    logp = completion_logprobs(model, params, jnp.asarray(batch["tokens_XS"]), jnp.asarray(batch["prompt_len_X"]),
+                               8, temperature=0.7)
+    mask = batch["mask_XT"] > 0
+    np.testing.assert_allclose(np.where(mask, logp, 0), batch["old_logprobs_XT"], atol=1e-5)  # first ratio is 1
+    lengths = np.asarray(gen.lengths_BR).reshape(-1)
+    assert (mask.sum(1) == lengths).all()  # every completion token is trained on, the stop token included
+    finished = np.asarray(gen.finished_BR).reshape(-1)
+    assert finished.any()
+    for x in np.flatnonzero(finished):
+        assert batch["tokens_XS"][x, batch["prompt_len_X"][x] + lengths[x] - 1] in stops and mask[x, lengths[x] - 1]
+
+
+def _run(flip_sign: bool, steps: int = 8):
+    """A few RL steps on a toy reward: 1 when a sample's first token is below 64 (about half the vocabulary)."""
+    model = build(preset("llama-tiny"))
+    cfg = RLConfig(group_size=8, max_new_tokens=3, temperature=1.0, loss="grpo")
+    optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100, weight_decay=0.0))
+    policy_loss = make_policy_loss(cfg)
+    loss_fn = (lambda *a: jax.tree.map(lambda v: -v, policy_loss(*a))) if flip_sign else policy_loss
+    train_step = make_train_step(model, optimizer, loss_fn=loss_fn)
+    state = TrainState.create(model, optimizer, jax.random.PRNGKey(0))
+    reward_fn = lambda gen: (np.asarray(gen.tokens_BRT[:, :, 0]) < 64).astype(np.float32)  # noqa: E731
+    rewards = []
+    for _ in range(steps):
+        state, metrics = rl_step(state, PROMPTS, reward_fn, model=model, train_step=train_step, cfg=cfg)
+        rewards.append(metrics["reward_mean"])
+    return rewards, metrics
+
+
+def test_a_short_run_raises_the_reward_and_a_flipped_sign_lowers_it():
+    up, metrics = _run(flip_sign=False)
+    down, _ = _run(flip_sign=True)
+    assert up[0] == down[0]  # the same first rollout (same seed, no update yet)
+    assert np.mean(up[-3:]) > up[0] + 0.2, up
+    assert np.mean(down[-3:]) < down[0] - 0.2, down
+    for key in ("loss", "grad_norm", "clip_frac_low", "clip_frac_high", "reward_std", "frac_reward_zero_std",
+                "completion_len_mean", "truncated_ratio", "logprob_diff_max", "rollout_s", "update_s"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["logprob_diff_max"] < 1e-4  # μ = 1: the update's ratio starts at exactly 1
+
+
+def test_bad_input_names_the_value(tiny):
+    with pytest.raises(ValueError, match=r"RLConfig.group_size=0 must be an int >= 1"):
+        RLConfig(group_size=0)
+    with pytest.raises(ValueError, match=r"RLConfig.temperature=0.0 must be > 0"):
+        RLConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"unknown .*'ppo2'.*grpo"):
+        RLConfig(loss="ppo2")
+    model, params = tiny("llama-tiny")
+    cfg = RLConfig(group_size=2, max_new_tokens=2)
+    state = TrainState(params, None, jnp.int32(0), jax.random.key_data(jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"reward_fn returned shape \(8,\), expected \[B, R\] = \(4, 2\)"):
+        rl_step(state, PROMPTS, lambda gen: np.zeros(8), model=model, train_step=None, cfg=cfg)
+    assert dataclasses.is_dataclass(cfg) and "grpo" in rl.available_losses()
