@@ -7,8 +7,14 @@ sampler reports (`completion_logprobs`, f32), so before the first update the imp
 loss mask covers each completion's tokens up to and including its stop token; padding never enters a loss, mean
 or denominator (the token-mean losses divide by the batch's own token count, passed explicitly).
 
-Not here yet (issue 10): the reference model for β > 0, dynamic sampling, TreePO rollouts, the RL entry point,
-checkpointed resume of an RL run.
+Dynamic sampling (DAPO, `RLConfig.dynamic_rounds` > 1): groups whose scorable rewards are all equal carry no
+signal and are dropped; further generation rounds on fresh prompts (`refill(round) -> (prompts, reward_fn)`)
+fill the freed group slots, up to `dynamic_rounds` rounds in all. When the bound is hit the step trains on the
+groups it has: empty slots are masked out (no token, advantage 0), and `dynamic_bound_hit` is logged; a step with
+no informative group at all applies a zero-gradient update, never an error.
+
+Not here yet (issue 10): the reference model for β > 0, TreePO rollouts, the RL entry point, checkpointed resume
+of an RL run.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ class RLConfig:
     advantage: str = "group_normalized"
     advantage_config: Any = None
     stop_tokens: tuple[int, ...] = ()
+    dynamic_rounds: int = 1  # DAPO dynamic sampling: generation rounds per step (1: off)
 
     def __post_init__(self):
-        for name in ("group_size", "max_new_tokens", "updates_per_rollout"):
+        for name in ("group_size", "max_new_tokens", "updates_per_rollout", "dynamic_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RLConfig.{name}={value!r} must be an int >= 1")
@@ -54,24 +61,59 @@ class RLConfig:
         rl.get_loss(self.loss), rl.get_advantage(self.advantage)  # unknown names fail here, listing the known
 
 
+PROMPT_BUCKET = 16  # prompt widths are padded to a multiple of this: few distinct batch shapes, few compilations
+
+
+@dataclasses.dataclass
+class Groups:
+    """The groups of one update batch, host numpy, one entry per group slot (B slots of R samples)."""
+
+    prompts: list  # token-id lists; [] for an empty slot
+    tokens_BRT: np.ndarray
+    lengths_BR: np.ndarray  # 0 for an empty slot
+    logprobs_BRT: np.ndarray
+    advantages_BR: np.ndarray
+
+    @classmethod
+    def of(cls, prompts, gen, advantages_BR):
+        return cls(list(prompts), np.asarray(gen.tokens_BRT), np.asarray(gen.lengths_BR),
+                   np.asarray(gen.logprobs_BRT, np.float32), np.asarray(advantages_BR, np.float32))
+
+    def take(self, idx) -> Groups:
+        idx = list(idx)
+        return Groups([self.prompts[i] for i in idx], self.tokens_BRT[idx], self.lengths_BR[idx],
+                      self.logprobs_BRT[idx], self.advantages_BR[idx])
+
+    def padded(self, B: int) -> Groups:
+        """Up to B slots, the missing ones empty (masked out)."""
+        n = len(self.prompts)
+        pad = lambda a, fill: np.concatenate([a, np.full((B - n, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
+        return Groups(self.prompts + [[]] * (B - n), pad(self.tokens_BRT, PAD), pad(self.lengths_BR, 0),
+                      pad(self.logprobs_BRT, 0.0), pad(self.advantages_BR, 0.0))
+
+
 def completion_batch(prompts: list[list[int]], gen, advantages_BR) -> dict[str, np.ndarray]:
     """The update batch (host numpy): for row x = b·R + r, tokens_XS = prompt b + sample r (right-padded),
     prompt_len_X, mask_XT over the completion's tokens (stop token included), old_logprobs_XT (the sampler's) and
     advantages_X."""
-    tokens_BRT, lengths_BR = np.asarray(gen.tokens_BRT), np.asarray(gen.lengths_BR)
-    B, R, T = tokens_BRT.shape
-    P = max(len(p) for p in prompts)
+    return groups_batch(Groups.of(prompts, gen, advantages_BR))
+
+
+def groups_batch(g: Groups) -> dict[str, np.ndarray]:
+    B, R, T = g.tokens_BRT.shape
+    P = max(1, -(-max(len(p) for p in g.prompts) // PROMPT_BUCKET) * PROMPT_BUCKET)
     tokens_XS = np.full((B * R, P + T), PAD, np.int32)
-    prompt_len_X = np.repeat(np.array([len(p) for p in prompts], np.int32), R)
+    # An empty slot's "prompt" is one pad token, so every row has a position to predict from (masked anyway).
+    prompt_len_X = np.repeat(np.array([max(len(p), 1) for p in g.prompts], np.int32), R)
     for x in range(B * R):
         b, r = divmod(x, R)
         n = prompt_len_X[x]
-        tokens_XS[x, :n] = prompts[b]
-        tokens_XS[x, n:n + T] = tokens_BRT[b, r]
-    mask_XT = (np.arange(T)[None] < lengths_BR.reshape(-1)[:, None]).astype(np.float32)
+        tokens_XS[x, :len(g.prompts[b])] = g.prompts[b]
+        tokens_XS[x, n:n + T] = g.tokens_BRT[b, r]
+    mask_XT = (np.arange(T)[None] < g.lengths_BR.reshape(-1)[:, None]).astype(np.float32)
     return {"tokens_XS": tokens_XS, "prompt_len_X": prompt_len_X, "mask_XT": mask_XT,
-            "old_logprobs_XT": np.asarray(gen.logprobs_BRT, np.float32).reshape(B * R, T),
-            "advantages_X": np.asarray(advantages_BR, np.float32).reshape(-1)}
+            "old_logprobs_XT": np.where(mask_XT > 0, g.logprobs_BRT.reshape(B * R, T), 0.0).astype(np.float32),
+            "advantages_X": g.advantages_BR.reshape(-1)}
 
 
 def completion_logprobs(model, params, tokens_XS, prompt_len_X, T: int, temperature: float):
@@ -103,13 +145,12 @@ def make_policy_loss(cfg: RLConfig) -> Callable:
     return policy_loss
 
 
-def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cfg: RLConfig):
-    """Rollouts -> rewards -> advantages -> μ updates. reward_fn(gen) -> rewards_BR (host numpy; NaN =
-    unscorable). Returns (state, metrics: plain floats)."""
-    t0 = time.perf_counter()
+def _rollout(state, prompts, reward_fn, *, model, cfg: RLConfig, round_: int):
+    """One generation round: (Groups, rewards_BR, advantage metrics, Generation)."""
     key = jax.random.fold_in(state.rng, 1 << 20)  # rollouts: a stream apart from the updates
     gen = generate(model, state.params, prompts, max_new_tokens=cfg.max_new_tokens,
-                   sampler=Sampler(temperature=cfg.temperature), rng=jax.random.fold_in(key, state.step),
+                   sampler=Sampler(temperature=cfg.temperature),
+                   rng=jax.random.fold_in(jax.random.fold_in(key, state.step), round_),
                    num_samples=cfg.group_size, stop_tokens=cfg.stop_tokens)
     rewards_BR = np.asarray(reward_fn(gen), np.float32)
     want = tuple(gen.lengths_BR.shape)
@@ -117,21 +158,58 @@ def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cf
         raise ValueError(f"reward_fn returned shape {rewards_BR.shape}, expected [B, R] = {want}")
     adv_cfg = cfg.advantage_config if cfg.advantage_config is not None else rl.advantage_config(cfg.advantage)
     advantages_BR, adv_metrics = rl.get_advantage(cfg.advantage)(jnp.asarray(rewards_BR), cfg.group_size, adv_cfg)
-    batch = completion_batch(prompts, gen, advantages_BR)
+    return Groups.of(prompts, gen, advantages_BR), rewards_BR, adv_metrics, gen
+
+
+def informative(rewards_BR) -> np.ndarray:
+    """Groups whose scorable rewards are not all equal (DAPO keeps only these)."""
+    finite = np.isfinite(rewards_BR)
+    hi = np.where(finite, rewards_BR, -np.inf).max(1)
+    lo = np.where(finite, rewards_BR, np.inf).min(1)
+    return (finite.sum(1) >= 2) & (hi > lo)
+
+
+def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cfg: RLConfig, refill=None):
+    """Rollouts -> rewards -> advantages -> μ updates. reward_fn(gen) -> rewards_BR (host numpy; NaN =
+    unscorable). With cfg.dynamic_rounds > 1, `refill(round) -> (prompts, reward_fn)` supplies the fresh prompts
+    of each further round (module docstring). Returns (state, metrics: plain floats)."""
+    t0 = time.perf_counter()
+    B = len(prompts)
+    groups, rewards_BR, adv_metrics, gen = _rollout(state, prompts, reward_fn, model=model, cfg=cfg, round_=0)
+    all_rewards, rounds = [rewards_BR], 1
+    if cfg.dynamic_rounds > 1:
+        if refill is None:
+            raise ValueError(f"RLConfig.dynamic_rounds={cfg.dynamic_rounds} needs a refill(round) callable")
+        groups = groups.take(np.flatnonzero(informative(rewards_BR)))
+        while len(groups.prompts) < B and rounds < cfg.dynamic_rounds:
+            more, more_reward_fn = refill(rounds)
+            new, new_rewards, _, _ = _rollout(state, more, more_reward_fn, model=model, cfg=cfg, round_=rounds)
+            keep = np.flatnonzero(informative(new_rewards))[: B - len(groups.prompts)]
+            groups = Groups(*(a + b if isinstance(a, list) else np.concatenate([a, b])
+                              for a, b in zip(dataclasses.astuple(groups), dataclasses.astuple(new.take(keep)),
+                                              strict=True)))
+            all_rewards.append(new_rewards)
+            rounds += 1
+        filled = len(groups.prompts)
+        groups = groups.padded(B)
+    batch = groups_batch(groups)
     t1 = time.perf_counter()
     for _ in range(cfg.updates_per_rollout):
         state, metrics = train_step(state, batch)
     metrics = jax.device_get(metrics)
     t2 = time.perf_counter()
+    rewards = np.concatenate(all_rewards)
     lengths = np.asarray(gen.lengths_BR)
-    finite = rewards_BR[np.isfinite(rewards_BR)]
-    group_std = np.nanstd(rewards_BR, axis=1)
+    finite = rewards[np.isfinite(rewards)]
     out = {k: float(v) for k, v in {**metrics, **jax.device_get(adv_metrics)}.items() if np.ndim(v) == 0}
     out |= {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
             "reward_std": float(finite.std()) if finite.size else float("nan"),
-            "frac_reward_zero_std": float(np.mean(group_std == 0)),
+            "frac_reward_zero_std": float(np.mean(~informative(rewards))),
             "completion_len_mean": float(lengths.mean()), "completion_len_min": float(lengths.min()),
             "completion_len_max": float(lengths.max()),
             "truncated_ratio": float(np.mean(~np.asarray(gen.finished_BR))),
             "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens_per_s": float(lengths.sum()) / max(t2 - t0, 1e-9)}
+    if cfg.dynamic_rounds > 1:
+        out |= {"dynamic_rounds": float(rounds), "dynamic_filled_groups": float(filled),
+                "dynamic_bound_hit": float(filled < B)}
     return state, out

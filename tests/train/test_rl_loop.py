@@ -79,3 +79,52 @@ def test_bad_input_names_the_value(tiny):
     with pytest.raises(ValueError, match=r"reward_fn returned shape \(8,\), expected \[B, R\] = \(4, 2\)"):
         rl_step(state, PROMPTS, lambda gen: np.zeros(8), model=model, train_step=None, cfg=cfg)
     assert dataclasses.is_dataclass(cfg) and "grpo" in rl.available_losses()
+
+
+def _dynamic(tiny, rounds: int, informative_per_round):
+    """rl_step with dynamic sampling where round k's prompts have informative groups exactly at the given indices
+    (reward = the sample index r there, constant 1 elsewhere); returns (metrics, the update batch)."""
+    model, params = tiny("llama-tiny")
+    cfg = RLConfig(group_size=2, max_new_tokens=2, dynamic_rounds=rounds)
+    seen = {}
+
+    def reward_for(k):
+        def reward_fn(gen):
+            r = np.ones(gen.lengths_BR.shape, np.float32)
+            r[informative_per_round[k]] = [0.0, 1.0]
+            return r
+        return reward_fn
+
+    def train_step(state, batch):
+        seen["batch"] = batch
+        return state, {"loss": jnp.float32(0)}
+
+    refill = lambda k: ([[10 + k, i + 1] for i in range(4)], reward_for(k))  # noqa: E731
+    state = TrainState(params, None, jnp.int32(0), jax.random.key_data(jax.random.key(0)))
+    _, metrics = rl_step(state, PROMPTS, reward_for(0), model=model, train_step=train_step, cfg=cfg, refill=refill)
+    return metrics, seen["batch"]
+
+
+def test_dynamic_sampling_refills_the_dropped_groups(tiny):
+    metrics, batch = _dynamic(tiny, rounds=4, informative_per_round=[[1], [0, 3], [2], [0, 1, 2, 3]])
+    assert (metrics["dynamic_rounds"], metrics["dynamic_filled_groups"], metrics["dynamic_bound_hit"]) == (3, 4, 0)
+    # Slot order: round 0's group 1, round 1's groups 0 and 3, round 2's group 2 (round 3 never ran).
+    first_tokens = batch["tokens_XS"][::2, 0].tolist()
+    assert first_tokens == [PROMPTS[1][0], 11, 11, 12]
+    assert (batch["mask_XT"].sum(1) > 0).all()
+    np.testing.assert_allclose(np.abs(batch["advantages_X"]), np.abs(batch["advantages_X"][0]))  # ±a in each group
+
+
+def test_dynamic_sampling_stops_at_its_bound_and_still_trains(tiny):
+    metrics, batch = _dynamic(tiny, rounds=2, informative_per_round=[[], [2], [0, 1, 2, 3]])
+    assert (metrics["dynamic_rounds"], metrics["dynamic_filled_groups"], metrics["dynamic_bound_hit"]) == (2, 1, 1)
+    assert batch["mask_XT"].shape[0] == 8  # static shape: B·R rows whatever was kept
+    assert (batch["mask_XT"][2:].sum() == 0) and (batch["advantages_X"][2:] == 0).all()  # empty slots masked
+    assert batch["mask_XT"][:2].sum() > 0
+    metrics, batch = _dynamic(tiny, rounds=2, informative_per_round=[[], [], []])  # nothing informative at all
+    assert metrics["dynamic_filled_groups"] == 0 and batch["mask_XT"].sum() == 0
+    # ... and the real policy loss on that all-masked batch is 0 with a zero, finite gradient.
+    model, params = tiny("llama-tiny")
+    loss_fn = make_policy_loss(RLConfig(group_size=2, max_new_tokens=2))
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, None)[0])(params)
+    assert float(loss) == 0 and all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
