@@ -13,8 +13,10 @@ fill the freed group slots, up to `dynamic_rounds` rounds in all. When the bound
 groups it has: empty slots are masked out (no token, advantage 0), and `dynamic_bound_hit` is logged; a step with
 no informative group at all applies a zero-gradient update, never an error.
 
-Not here yet (issue 10): the reference model for β > 0, TreePO rollouts, the RL entry point, checkpointed resume
-of an RL run.
+KL to a reference policy: a loss config with β > 0 needs `ref_params` (a frozen copy of the starting policy);
+their log-probs of the completions are computed once per rollout, like π_old's, and passed to the loss.
+
+Not here yet (issue 10): TreePO rollouts, the RL entry point, checkpointed resume of an RL run.
 """
 
 from __future__ import annotations
@@ -136,8 +138,9 @@ def make_policy_loss(cfg: RLConfig) -> Callable:
         del rng
         T = batch["mask_XT"].shape[1]
         logp_XT = completion_logprobs(model, params, batch["tokens_XS"], batch["prompt_len_X"], T, cfg.temperature)
-        loss, metrics = loss_fn(logp_XT, batch["old_logprobs_XT"], None, batch["advantages_X"], batch["mask_XT"],
-                                loss_cfg, num_tokens=jnp.sum(batch["mask_XT"]))
+        loss, metrics = loss_fn(logp_XT, batch["old_logprobs_XT"], batch.get("ref_logprobs_XT"),
+                                batch["advantages_X"], batch["mask_XT"], loss_cfg,
+                                num_tokens=jnp.sum(batch["mask_XT"]))
         mask = batch["mask_XT"] > 0
         diff = jnp.where(mask, jnp.abs(jax.lax.stop_gradient(logp_XT) - batch["old_logprobs_XT"]), 0.0)
         return loss, {**metrics, "logprob_diff_max": jnp.max(diff)}
@@ -169,10 +172,19 @@ def informative(rewards_BR) -> np.ndarray:
     return (finite.sum(1) >= 2) & (hi > lo)
 
 
-def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cfg: RLConfig, refill=None):
+_ref_logprobs = jax.jit(completion_logprobs, static_argnums=(0, 4, 5))
+
+
+def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cfg: RLConfig, refill=None,
+            ref_params=None):
     """Rollouts -> rewards -> advantages -> μ updates. reward_fn(gen) -> rewards_BR (host numpy; NaN =
     unscorable). With cfg.dynamic_rounds > 1, `refill(round) -> (prompts, reward_fn)` supplies the fresh prompts
-    of each further round (module docstring). Returns (state, metrics: plain floats)."""
+    of each further round (module docstring). ref_params: the reference policy, required when the loss's β > 0.
+    Returns (state, metrics: plain floats)."""
+    beta = getattr(cfg.loss_config if cfg.loss_config is not None else rl.loss_config(cfg.loss), "beta", 0.0)
+    if beta > 0 and ref_params is None:
+        raise ValueError(f"the {cfg.loss} loss has KL coefficient β={beta} > 0: pass ref_params (the reference "
+                         f"policy) to rl_step")
     t0 = time.perf_counter()
     B = len(prompts)
     groups, rewards_BR, adv_metrics, gen = _rollout(state, prompts, reward_fn, model=model, cfg=cfg, round_=0)
@@ -193,6 +205,10 @@ def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cf
         filled = len(groups.prompts)
         groups = groups.padded(B)
     batch = groups_batch(groups)
+    if ref_params is not None:
+        batch["ref_logprobs_XT"] = np.asarray(_ref_logprobs(model, ref_params, batch["tokens_XS"],
+                                                            batch["prompt_len_X"], batch["mask_XT"].shape[1],
+                                                            cfg.temperature))
     t1 = time.perf_counter()
     for _ in range(cfg.updates_per_rollout):
         state, metrics = train_step(state, batch)

@@ -128,3 +128,24 @@ def test_dynamic_sampling_stops_at_its_bound_and_still_trains(tiny):
     loss_fn = make_policy_loss(RLConfig(group_size=2, max_new_tokens=2))
     loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, None)[0])(params)
     assert float(loss) == 0 and all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
+
+
+def test_kl_to_a_reference_policy(tiny):
+    model, params = tiny("llama-tiny")
+    cfg = RLConfig(group_size=2, max_new_tokens=3, loss_config=rl.loss_config("grpo", beta=0.1))
+    state = TrainState(params, None, jnp.int32(0), jax.random.key_data(jax.random.key(0)))
+    reward_fn = lambda gen: np.asarray(gen.tokens_BRT[:, :, 0] < 64, np.float32)  # noqa: E731
+    with pytest.raises(ValueError, match=r"β=0.1 > 0: pass ref_params"):
+        rl_step(state, PROMPTS, reward_fn, model=model, train_step=None, cfg=cfg)
+    policy_loss = make_policy_loss(cfg)
+    seen = {}
+
+    def train_step(state, batch):
+        seen["metrics"] = policy_loss(model, state.params, batch, None)[1]
+        return state, seen["metrics"]
+
+    _, metrics = rl_step(state, PROMPTS, reward_fn, model=model, train_step=train_step, cfg=cfg, ref_params=params)
+    assert abs(metrics["kl"]) < 1e-6  # the policy is its own reference
+    far = jax.tree.map(lambda a: a * 1.5, params)
+    _, metrics = rl_step(state, PROMPTS, reward_fn, model=model, train_step=train_step, cfg=cfg, ref_params=far)
+    assert metrics["kl"] > 1e-3
