@@ -27,7 +27,7 @@ from lmx.data import CharTokenizer, batches, get_task, held_out_problems, prompt
 from lmx.decoding import Greedy, generate
 from lmx.models import build
 from lmx.train.checkpoint import Checkpointer
-from lmx.train.loop import model_config, train
+from lmx.train.loop import as_dict, model_config, train
 from lmx.train.metrics import MetricsWriter, read_metrics
 from lmx.train.optim import OptimConfig, lr_schedule, make_optimizer
 from lmx.train.report import quiet_orbax, write_report
@@ -41,15 +41,11 @@ _TEACHER_DIR = flags.DEFINE_string("teacher_dir", None, "A quickstart / sft run 
                                    "checkpoint is the teacher (default: train one first).")
 
 
-def _as_dict(d) -> dict:
-    return d.to_dict() if hasattr(d, "to_dict") else dict(d)
-
-
 def load_teacher(teacher_dir: Path, tok):
     """(teacher run config, model, params) from a run dir's config.json and latest checkpoint."""
     tcfg = ConfigDict(json.loads((teacher_dir / "config.json").read_text()))
     model = build(model_config(tcfg.model, tok.vocab_size))
-    optimizer = make_optimizer(OptimConfig.from_dict(_as_dict(tcfg.optim)))
+    optimizer = make_optimizer(OptimConfig.from_dict(as_dict(tcfg.optim)))
     with Checkpointer(teacher_dir / "checkpoints", every=1, keep=None) as ckpt:
         restored = ckpt.restore_latest(abstract_state(model, optimizer))
         if restored is None:
@@ -62,7 +58,7 @@ def train_student(cfg, run_dir: Path, model, teacher_model, teacher_params, task
     """The distillation loop: each batch gets the teacher's logits (its own jitted forward), then one
     student update with the KL (+ CE) loss. Returns the final TrainState."""
     sc = cfg.student
-    opt_cfg = OptimConfig.from_dict(_as_dict(sc.optim))
+    opt_cfg = OptimConfig.from_dict(as_dict(sc.optim))
     optimizer = make_optimizer(opt_cfg)
     step_fn = make_train_step(model, optimizer, None, make_distill_loss(float(sc.temperature), float(sc.ce_weight)),
                               lr_fn=lr_schedule(opt_cfg))
@@ -143,7 +139,7 @@ def main(argv):
         teacher_model, teacher_params = build(model_config(tcfg.model, tok.vocab_size)), result.params
     teacher_min = (time.time() - t0) / 60
 
-    task = get_task(tcfg.task.name, **_as_dict(tcfg.task.get("kwargs", {})))
+    task = get_task(tcfg.task.name, **as_dict(tcfg.task.get("kwargs", {})))
     student_cfg = model_config(cfg.student.model, tok.vocab_size)
     student = build(student_cfg)
     t1 = time.time()

@@ -7,6 +7,7 @@ from lmx.train.loop import TrainResult, model_config, train
 from lmx.train.metrics import MetricsWriter, read_metrics
 from lmx.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
 from lmx.train.rl_loop import RLConfig, make_policy_loss, rl_step
+from lmx.train.rl_train import RLResult, train_rl
 from lmx.train.sft import (
     LossFn,
     distill_loss,
@@ -22,5 +23,5 @@ __all__ = [
     "Checkpointer", "LossFn", "MetricsWriter", "OptimConfig", "TrainState", "abstract_state", "decay_mask",
     "distill_loss", "evaluate", "lr_schedule", "make_distill_loss", "make_optimizer", "make_train_step",
     "masked_cross_entropy", "model_config", "read_metrics", "sft_loss", "state_shardings", "train", "TrainResult",
-    "rewards", "rl", "RLConfig", "make_policy_loss", "rl_step",
+    "rewards", "rl", "RLConfig", "make_policy_loss", "rl_step", "RLResult", "train_rl",
 ]

@@ -52,7 +52,7 @@ class TrainResult:
 def model_config(cfg_model, vocab_size: int) -> ModelConfig:
     """`cfg.model`: a preset name plus overrides of ModelConfig / AttentionConfig fields (None = keep the
     preset's value). The vocabulary always comes from the tokenizer."""
-    overrides = {k: v for k, v in _as_dict(cfg_model).items() if k != "preset" and v is not None}
+    overrides = {k: v for k, v in as_dict(cfg_model).items() if k != "preset" and v is not None}
     unknown = set(overrides) - MODEL_FIELDS - ATTENTION_FIELDS
     if unknown:
         raise ValueError(f"config.model has unknown fields {sorted(unknown)}; known: "
@@ -70,24 +70,24 @@ def model_config(cfg_model, vocab_size: int) -> ModelConfig:
 
 
 def optim_config(cfg) -> OptimConfig:
-    return OptimConfig.from_dict(_as_dict(cfg.optim))
+    return OptimConfig.from_dict(as_dict(cfg.optim))
 
 
-def _as_dict(d) -> dict:
+def as_dict(d) -> dict:
     return d.to_dict() if hasattr(d, "to_dict") else dict(d)
 
 
 # Cached so that repeated `train` calls in one process (resume, notebooks, tests) reuse one optimizer
 # object and hence the compiled init and step programs, which are keyed on it.
-_optimizer = functools.lru_cache(maxsize=8)(make_optimizer)
+cached_optimizer = functools.lru_cache(maxsize=8)(make_optimizer)
 
 
 @functools.lru_cache(maxsize=8)
 def _train_step(model_cfg: ModelConfig, opt_cfg: OptimConfig, mesh):
-    return make_train_step(build(model_cfg), _optimizer(opt_cfg), mesh, lr_fn=lr_schedule(opt_cfg))
+    return make_train_step(build(model_cfg), cached_optimizer(opt_cfg), mesh, lr_fn=lr_schedule(opt_cfg))
 
 
-def _write_config(cfg, run_dir: Path, resume_step: int):
+def write_config(cfg, run_dir: Path, resume_step: int):
     """config.json is written once; a resumed run with a different config keeps it and writes its own."""
     text = cfg.to_json(indent=2, sort_keys=True) if hasattr(cfg, "to_json") else json.dumps(cfg, indent=2)
     path = run_dir / "config.json"
@@ -99,7 +99,7 @@ def _write_config(cfg, run_dir: Path, resume_step: int):
         logging.warning("config differs from %s (resuming at step %d); wrote %s", path, resume_step, other)
 
 
-def _is_due(step: int, every: int, last: int) -> bool:
+def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
@@ -119,13 +119,13 @@ def train(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, mesh=None, sto
     tc = cfg.train
     total = int(tc.steps)
     tok = CharTokenizer()
-    task = get_task(cfg.task.name, **_as_dict(cfg.task.get("kwargs", {})))
+    task = get_task(cfg.task.name, **as_dict(cfg.task.get("kwargs", {})))
     model_cfg = model_config(cfg.model, tok.vocab_size)
     model = build(model_cfg)
     opt_cfg = optim_config(cfg)
-    optimizer = _optimizer(opt_cfg)
+    optimizer = cached_optimizer(opt_cfg)
     if mesh is None:
-        mesh = make_mesh(**_as_dict(cfg.get("mesh", {})))
+        mesh = make_mesh(**as_dict(cfg.get("mesh", {})))
     if mesh.size == 1:
         mesh = None  # one device: plain jit, no sharding annotations to resolve
 
@@ -139,7 +139,7 @@ def train(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, mesh=None, sto
             state, data_pos = restored
             start = int(data_pos["data_step"])
             logging.info("resuming %s from step %d", run_dir, start)
-        _write_config(cfg, run_dir, start)
+        write_config(cfg, run_dir, start)
 
         train_step = _train_step(model_cfg, opt_cfg, mesh)
         data = batches(task, tok, int(tc.batch_size), int(tc.seq_len), seed=int(cfg.seed), start_step=start)
@@ -166,9 +166,9 @@ def train(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, mesh=None, sto
                     f"non-finite training step {step}: {values}. The run stopped without saving this state; "
                     f"last good checkpoint: {'none' if good is None else f'step {good} in {ckpt.directory}'}")
             record = {}
-            if _is_due(step, int(tc.log_every), total):
+            if is_due(step, int(tc.log_every), total):
                 record.update(jax.device_get(metrics))
-            if _is_due(step, int(tc.eval_every), total) and int(ev.num_problems) > 0:
+            if is_due(step, int(tc.eval_every), total) and int(ev.num_problems) > 0:
                 last_eval = evaluate(model, state.params, task, tok, eval_problems, int(ev.max_new_tokens),
                                      int(ev.batch_size))
                 record.update({f"eval/{k}": v for k, v in last_eval.items() if k != "samples"})

@@ -16,7 +16,8 @@ no informative group at all applies a zero-gradient update, never an error.
 KL to a reference policy: a loss config with β > 0 needs `ref_params` (a frozen copy of the starting policy);
 their log-probs of the completions are computed once per rollout, like π_old's, and passed to the loss.
 
-Not here yet (issue 10): TreePO rollouts, the RL entry point, checkpointed resume of an RL run.
+The RL run (prompts from a task, verifier rewards, metrics, checkpoints with exact resume) is lmx.train.rl_train;
+TreePO rollouts are not built yet.
 """
 
 from __future__ import annotations

@@ -1,0 +1,299 @@
+"""The RL run loop (issue 10, items 6–8): config in, an RL-trained policy + metrics out.
+
+`train_rl(cfg, run_dir)` starts from an SFT run directory (`cfg.init_from`: the params of its latest checkpoint),
+trains one first under run_dir/sft/ with `lmx.train.loop.train` (`cfg.init_from = ""`), or starts from a random
+init (`cfg.init_from = "random"`, for tests), then runs `cfg.train.steps` RL steps (`lmx.train.rl_loop.rl_step`)
+on a built-in task with its exact verifier plus the reward terms of `cfg.reward`.
+
+Run directory layout: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/<step>/ (the TrainState: policy
+params, opt_state, step, rng; plus the data position), sft/ (when the SFT run is trained here).
+Step k means "after k RL steps" (each of μ = updates_per_rollout optimizer updates, so TrainState.step = μ·k).
+The prompts of step k depend only on (cfg.seed, k) and the rollouts' randomness only on the TrainState, so a run
+resumed from checkpoint k reproduces the uninterrupted run bit for bit (timings aside). metrics.jsonl step 0 holds
+the initial policy's held-out evaluation, the last step the final one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from lmx.data import CharTokenizer, get_task, held_out_problems, prompt_batch
+from lmx.data.batching import step_rng
+from lmx.models import ModelConfig, build
+from lmx.train import rewards as rw
+from lmx.train import rl
+from lmx.train.checkpoint import Checkpointer
+from lmx.train.loop import as_dict, cached_optimizer, is_due, model_config, optim_config, train, write_config
+from lmx.train.metrics import MetricsWriter, read_metrics
+from lmx.train.optim import OptimConfig, lr_schedule
+from lmx.train.rl_loop import RLConfig, make_policy_loss, rl_step
+from lmx.train.sft import evaluate, make_train_step
+from lmx.train.state import TrainState, abstract_state
+
+# Timings differ between runs; every other metric of a resumed run equals the uninterrupted run's.
+TIMING_KEYS = ("rollout_s", "update_s", "tokens_per_s")
+DATA_SEED_OFFSET = 0x5EED  # RL prompts come from a stream apart from the SFT batches (seed, step)
+
+
+@dataclass
+class RLResult:
+    state: TrainState
+    history: list[dict[str, Any]]  # every record of run_dir/metrics.jsonl, earlier (resumed) runs included
+    eval: dict[str, Any] | None  # the final held-out evaluation of this call (None if none ran)
+    init_eval: dict[str, Any] | None  # the initial policy's (None on a resumed run or when eval is off)
+
+    @property
+    def params(self):
+        return self.state.params
+
+
+def parse_reward_spec(spec: str) -> tuple[rw.RewardTerm, ...]:
+    """"correctness+kimi_length" or "correctness+0.5*kimi_length" -> RewardTerms (unknown names fail, listing the
+    registered rewards)."""
+    terms = []
+    for part in str(spec).replace(" ", "").split("+"):
+        if not part:
+            raise ValueError(f"config.reward={spec!r}: empty term (write e.g. 'correctness+kimi_length')")
+        weight, _, name = part.rpartition("*")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"config.reward={spec!r}: weight {weight!r} of {name!r} is not a number") from None
+        rw.get_reward(name)
+        terms.append(rw.RewardTerm(name, weight=w))
+    return tuple(terms)
+
+
+def rl_config(cfg, stop_id: int) -> RLConfig:
+    r = cfg.rl
+    loss_kwargs = as_dict(cfg.get("loss_kwargs", {}))
+    adv_kwargs = as_dict(cfg.get("advantage_kwargs", {}))
+    return RLConfig(
+        group_size=int(r.group_size), max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
+        updates_per_rollout=int(r.updates_per_rollout), loss=str(cfg.loss),
+        loss_config=rl.loss_config(str(cfg.loss), **loss_kwargs) if loss_kwargs else None,
+        advantage=str(cfg.advantage),
+        advantage_config=rl.advantage_config(str(cfg.advantage), **adv_kwargs) if adv_kwargs else None,
+        stop_tokens=(stop_id,), dynamic_rounds=int(r.dynamic_rounds))
+
+
+@functools.lru_cache(maxsize=8)
+def _rl_train_step(model_cfg: ModelConfig, opt_cfg: OptimConfig, rl_cfg: RLConfig):
+    """Cached so a resumed run in the same process reuses the compiled update."""
+    return make_train_step(build(model_cfg), cached_optimizer(opt_cfg), loss_fn=make_policy_loss(rl_cfg),
+                           lr_fn=lr_schedule(opt_cfg))
+
+
+def sft_config(cfg) -> ml_collections.ConfigDict:
+    """The SFT run trained first when cfg.init_from is empty: cfg's task, model and seed, cfg.sft's train/optim."""
+    s = cfg.sft
+    return ml_collections.ConfigDict({
+        "seed": int(cfg.seed), "task": as_dict(cfg.task), "model": as_dict(cfg.model),
+        "train": as_dict(s.train), "optim": as_dict(s.optim),
+        "eval": {"num_problems": 0, "batch_size": 1, "max_new_tokens": 1, "seed": 0, "samples_logged": 0},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+
+
+def _init_params(cfg, run_dir: Path, model, progress: bool):
+    """(params, SFT data streams for the held-out set) of the initial policy."""
+    src = str(cfg.init_from)
+    if src == "random":
+        return None, []
+    if src:
+        sft_dir = Path(src)
+        cfg_path = sft_dir / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"config.init_from={src!r} is not an SFT run directory (no config.json)")
+        sft_cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    else:
+        sft_dir, sft_cfg = run_dir / "sft", sft_config(cfg)
+        logging.info("no config.init_from: training %d SFT steps in %s", int(sft_cfg.train.steps), sft_dir)
+        train(sft_cfg, sft_dir, progress=progress)
+    optimizer = cached_optimizer(optim_config(sft_cfg))
+    with Checkpointer(sft_dir / "checkpoints", every=1, keep=1) as ckpt:
+        restored = ckpt.restore_latest(abstract_state(model, optimizer))
+        if restored is None:
+            raise FileNotFoundError(f"no complete checkpoint under {sft_dir / 'checkpoints'}")
+        sft_state, data = restored
+    streams = [(int(sft_cfg.train.batch_size), int(sft_cfg.seed), int(data.get("data_step", 0)))]
+    return sft_state.params, streams
+
+
+def _initial_state(model, optimizer, params, seed: int) -> TrainState:
+    state = TrainState.create(model, optimizer, jax.random.PRNGKey(seed))
+    if params is None:
+        return state
+    return TrainState(params, jax.jit(optimizer.init)(params), state.step, state.rng)
+
+
+def _held_out(task, streams, n: int, seed: int):
+    """`held_out_problems`, but a task too small to leave `n` unseen problems is an error, not an endless loop."""
+    seen = {p.prompt for batch_size, stream_seed, steps in streams for step in range(int(steps))
+            for p in task.sample(step_rng(int(stream_seed), step), int(batch_size))}
+    probe = {p.prompt for p in task.sample(np.random.default_rng([seed, 7]), 20 * n)} - seen
+    if len(probe) < n:
+        raise ValueError(f"config.eval.num_problems={n}: only {len(probe)} of {20 * n} fresh draws of task "
+                         f"{getattr(task, 'name', task)!r} are unseen in SFT and RL training (a task too small for "
+                         "a held-out set); lower eval.num_problems or widen the task")
+    return held_out_problems(task, streams, n, seed)[0]
+
+
+def _decode(tok, tokens_BRT, lengths_BR) -> list[list[str]]:
+    """Completion texts, cut at (and without) the stop token, as `evaluate` scores them."""
+    tokens_BRT, lengths_BR = np.asarray(tokens_BRT), np.asarray(lengths_BR)
+    out = []
+    for b in range(lengths_BR.shape[0]):
+        row = []
+        for r in range(lengths_BR.shape[1]):
+            ids = tokens_BRT[b, r, : int(lengths_BR[b, r])].tolist()
+            if tok.eos_id in ids:
+                ids = ids[: ids.index(tok.eos_id)]
+            row.append(tok.decode(ids))
+        out.append(row)
+    return out
+
+
+def make_reward_fn(task, tok, problems, terms, log: list):
+    """reward_fn(gen) -> rewards_BR: the task's verifier scores, then Σ weight·reward over `terms`. Appends
+    (scores_BR, {label: reward_BR}) to `log` for the per-reward metrics."""
+
+    def reward_fn(gen):
+        scores = rw.score_completions(task, problems, _decode(tok, gen.tokens_BRT, gen.lengths_BR), on_error="nan")
+        inputs = rw.make_reward_inputs(scores, gen.tokens_BRT, gen.lengths_BR,
+                                       think_ids=(tok.think_id, tok.end_think_id))
+        total, parts = rw.compute_rewards(inputs, terms)
+        log.append((scores, {k: np.asarray(v) for k, v in parts.items()}))
+        return np.asarray(total)
+
+    return reward_fn
+
+
+def _reward_metrics(log) -> dict[str, float]:
+    """accuracy (mean verifier score), NaN-score fraction and each reward term's mean/std over every generation
+    round of the step (like rl_step's reward_mean)."""
+    scores = np.concatenate([s for s, _ in log])
+    out = {"accuracy": float(np.nanmean(scores)) if np.isfinite(scores).any() else math.nan,
+           "reward_nan_frac": float(np.mean(np.isnan(scores)))}
+    for label in log[0][1]:
+        v = np.concatenate([p[label] for _, p in log])
+        v = v[np.isfinite(v)]
+        out[f"reward/{label}_mean"] = float(v.mean()) if v.size else math.nan
+        out[f"reward/{label}_std"] = float(v.std()) if v.size else math.nan
+    return out
+
+
+def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: int | None = None,
+             batch_hook: Callable[[int, dict], dict] | None = None, progress: bool = True) -> RLResult:
+    """Run (or resume) the RL run `cfg` describes, writing everything under `run_dir`.
+
+    stop_at: stop after this many steps without a final save, as if the job were killed.
+    batch_hook(step, batch) -> batch: may edit each update batch (tests inject NaNs with it).
+    Raises FloatingPointError, saving nothing, when the loss, gradient norm or updated-parameter norm is not
+    finite; earlier checkpoints stay as they were."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc, ev = cfg.train, cfg.eval
+    total = int(tc.steps)
+    tok = CharTokenizer()
+    task = get_task(cfg.task.name, **as_dict(cfg.task.get("kwargs", {})))
+    model_cfg = model_config(cfg.model, tok.vocab_size)
+    model = build(model_cfg)
+    opt_cfg = optim_config(cfg)
+    optimizer = cached_optimizer(opt_cfg)
+    rl_cfg = rl_config(cfg, tok.eos_id)
+    terms = parse_reward_spec(cfg.reward)
+    B, rounds = int(cfg.rl.batch_size), rl_cfg.dynamic_rounds
+    data_seed = int(cfg.seed) + DATA_SEED_OFFSET
+
+    def step_problems(step: int):
+        """All the prompts step `step` may use: B per generation round, from (data_seed, step) alone."""
+        return task.sample(step_rng(data_seed, step), B * rounds)
+
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(
+            Checkpointer(run_dir / "checkpoints", every=int(tc.ckpt_every), keep=int(tc.keep_checkpoints)))
+        restored = ckpt.restore_latest(abstract_state(model, optimizer))
+        sft_streams_path = run_dir / "sft_streams.json"
+        if restored is None:
+            params, sft_streams = _init_params(cfg, run_dir, model, progress)
+            sft_streams_path.write_text(json.dumps(sft_streams))
+            state, start = _initial_state(model, optimizer, params, int(cfg.seed)), 0
+        else:
+            state, data_pos = restored
+            start = int(data_pos["data_step"])
+            sft_streams = json.loads(sft_streams_path.read_text()) if sft_streams_path.exists() else []
+            logging.info("resuming %s from RL step %d", run_dir, start)
+        write_config(cfg, run_dir, start)
+
+        train_step = _rl_train_step(model_cfg, opt_cfg, rl_cfg)
+        n_eval = int(ev.num_problems)
+        eval_problems = []
+        if n_eval > 0:  # unseen in SFT and in every RL step's prompts
+            streams = [tuple(s) for s in sft_streams] + [(B * rounds, data_seed, total + 1)]
+            eval_problems = _held_out(task, streams, n_eval, int(ev.seed))
+        run_eval = lambda params: evaluate(model, params, task, tok, eval_problems,  # noqa: E731
+                                           int(ev.max_new_tokens), int(ev.batch_size))
+        writer = stack.enter_context(MetricsWriter(run_dir, resume_step=start))
+        init_eval = last_eval = None
+        if start == 0 and n_eval > 0:
+            init_eval = run_eval(state.params)
+            writer.write(0, {f"eval/{k}": v for k, v in init_eval.items() if k != "samples"})
+        end = total if stop_at is None else min(stop_at, total)
+        bar = stack.enter_context(tqdm(total=total, initial=start, desc="rl", disable=not progress,
+                                       dynamic_ncols=True))
+        for step in range(start + 1, end + 1):
+            problems = step_problems(step)
+            log: list = []
+
+            def group(r: int, problems=problems, log=log):
+                chunk = problems[r * B:(r + 1) * B]
+                return prompt_batch(tok, chunk), make_reward_fn(task, tok, chunk, terms, log)
+
+            prompts, reward_fn = group(0)
+            step_fn = train_step if batch_hook is None else (
+                lambda s, b, _step=step: train_step(s, batch_hook(_step, b)))
+            state, metrics = rl_step(state, prompts, reward_fn, model=model, train_step=step_fn, cfg=rl_cfg,
+                                     refill=group if rounds > 1 else None)
+            guard = {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
+            if not all(map(math.isfinite, guard.values())):
+                good = ckpt.latest_step()
+                values = ", ".join(f"{k}={v}" for k, v in guard.items())
+                raise FloatingPointError(
+                    f"non-finite RL step {step}: {values}. The run stopped without saving this state; "
+                    f"last good checkpoint: {'none' if good is None else f'step {good} in {ckpt.directory}'}")
+            record = {}
+            if is_due(step, int(tc.log_every), total):
+                record.update(metrics)
+                record.update(_reward_metrics(log))
+            if step == total and n_eval > 0:
+                last_eval = run_eval(state.params)
+                record.update({f"eval/{k}": v for k, v in last_eval.items() if k != "samples"})
+            if record:
+                writer.write(step, record)
+            ckpt.save(step, state, {"data_step": step}, force=step == total)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{guard['loss']:.4f}", refresh=False)
+        if start == total and n_eval > 0:  # re-run of a finished run: its final evaluation again (not re-logged)
+            last_eval = run_eval(state.params)
+    return RLResult(state=state, history=read_metrics(run_dir), eval=last_eval, init_eval=init_eval)
+
+
+def comparable(record: dict) -> dict:
+    """A metrics record without its timings: what a resumed run must reproduce exactly."""
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+__all__ = ["RLResult", "comparable", "make_reward_fn", "parse_reward_spec", "rl_config", "sft_config", "train_rl"]

@@ -1,0 +1,111 @@
+"""The RL run loop: a run killed at step k and resumed equals the uninterrupted run bit for bit (metrics and
+TrainState), metrics.jsonl holds the per-step keys, a NaN loss stops the run keeping the last good checkpoint."""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs.rl import get_config
+from lmx.train.checkpoint import Checkpointer
+from lmx.train.metrics import read_metrics
+from lmx.train.rl_train import comparable, parse_reward_spec, train_rl
+
+STEPS = 6
+
+
+def tiny_rl_config(steps: int = STEPS):
+    cfg = get_config()
+    cfg.init_from = "random"  # no SFT: the loop, not the policy's quality, is under test
+    cfg.model.update({"d_model": 32, "num_layers": 1, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1,
+                      "head_dim": 16, "max_seq_len": 64})
+    # The length reward gives a random policy's groups distinct rewards (it stops at random lengths), so the
+    # updates are not all zero.
+    cfg.reward = "correctness+kimi_length"
+    cfg.rl.update({"batch_size": 4, "group_size": 4, "max_new_tokens": 12})
+    cfg.train.update({"steps": steps, "ckpt_every": 3, "keep_checkpoints": 3})
+    cfg.optim.lr = 1e-2
+    cfg.eval.update({"num_problems": 8, "batch_size": 8, "max_new_tokens": 12})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rl_full")
+    return run_dir, train_rl(tiny_rl_config(), run_dir, progress=False)
+
+
+def test_killed_and_resumed_equals_the_uninterrupted_run(full_run, tmp_path):
+    _, full = full_run
+    cfg = tiny_rl_config()
+    train_rl(cfg, tmp_path, stop_at=4, progress=False)  # killed after step 4; the last checkpoint is step 3
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3]
+    resumed = train_rl(cfg, tmp_path, progress=False)
+    a, b = read_metrics(tmp_path), full.history
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(STEPS + 1))  # step 4 appears once
+    assert [comparable(r) for r in a] == [comparable(r) for r in b]
+    assert any(r.get("grad_norm", 0) > 0 for r in b)  # the updates did something
+    leaves_a = jax.tree_util.tree_leaves_with_path(resumed.state)
+    leaves_b = jax.tree_util.tree_leaves_with_path(full.state)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    assert int(full.state.step) == STEPS
+    assert resumed.eval["accuracy"] == full.eval["accuracy"]
+
+
+def test_metrics_have_the_per_step_keys(full_run):
+    run_dir, full = full_run
+    records = read_metrics(run_dir)
+    assert {"eval/accuracy", "eval/gen_tokens"} <= set(records[0]) and "loss" not in records[0]
+    keys = ("reward_mean", "reward_std", "frac_reward_zero_std", "accuracy", "reward/correctness_mean",
+            "reward/kimi_length_mean", "loss", "grad_norm", "param_norm", "lr", "clip_frac_low", "clip_frac_high",
+            "logprob_diff_max", "advantage_mean", "advantage_std", "completion_len_mean", "completion_len_min",
+            "completion_len_max", "truncated_ratio", "rollout_s", "update_s", "tokens_per_s")
+    for r in records[1:]:
+        missing = [k for k in keys if k not in r]
+        assert not missing, (r["step"], missing)
+        assert all(np.isfinite(r[k]) for k in keys), r
+        assert r["logprob_diff_max"] < 1e-4  # μ = 1: the sampler's log-probs are the trainer's
+    assert "eval/accuracy" in records[-1]
+    assert (run_dir / "tb").is_dir() and (run_dir / "config.json").exists()
+    assert Checkpointer(run_dir / "checkpoints").all_steps() == [3, 6]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_rl_config(steps=4)
+    cfg.eval.num_problems = 0
+
+    def poison(step, batch):
+        if step == 4:
+            batch = {**batch, "advantages_X": np.full_like(batch["advantages_X"], np.nan)}
+        return batch
+
+    with pytest.raises(FloatingPointError, match=r"non-finite RL step 4: loss=nan.*last good checkpoint: step 3"):
+        train_rl(cfg, tmp_path, batch_hook=poison, progress=False)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [3]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_bad_reward_spec_names_the_value():
+    assert [t.name for t in parse_reward_spec("correctness+0.5*kimi_length")] == ["correctness", "kimi_length"]
+    assert parse_reward_spec("correctness+0.5*kimi_length")[1].weight == 0.5
+    with pytest.raises(ValueError, match=r"unknown reward 'lenght'.*kimi_length"):
+        parse_reward_spec("correctness+lenght")
+    with pytest.raises(ValueError, match=r"empty term"):
+        parse_reward_spec("correctness+")
+
+
+def test_sft_first_and_init_from_that_sft_run_start_from_the_same_params(tmp_path):
+    cfg = tiny_rl_config(steps=2)
+    cfg.init_from = ""  # train a short SFT first, under run_dir/sft
+    cfg.sft.train.update({"steps": 4, "batch_size": 8, "ckpt_every": 4, "log_every": 1})
+    cfg.eval.num_problems = 0
+    first = train_rl(cfg, tmp_path / "a", progress=False)
+    assert Checkpointer(tmp_path / "a" / "sft" / "checkpoints").all_steps() == [4]
+    cfg.init_from = str(tmp_path / "a" / "sft")
+    second = train_rl(cfg, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "sft").exists()
+    assert [comparable(r) for r in first.history] == [comparable(r) for r in second.history]
+    with pytest.raises(FileNotFoundError, match=r"not an SFT run directory"):
+        cfg.init_from = str(tmp_path / "nowhere")
+        train_rl(cfg, tmp_path / "c", progress=False)
