@@ -99,6 +99,20 @@ def write_config(cfg, run_dir: Path, resume_step: int):
         logging.warning("config differs from %s (resuming at step %d); wrote %s", path, resume_step, other)
 
 
+def check_finite(metrics, step: int, ckpt, what: str) -> dict[str, float]:
+    """The step's loss, grad_norm and param_norm as floats; a non-finite one stops the run (before it saves),
+    naming the last good checkpoint. A finite loss can still produce non-finite params (e.g. a huge step), so
+    those are checked too."""
+    guard = {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
+    if not all(map(math.isfinite, guard.values())):
+        good = ckpt.latest_step()
+        values = ", ".join(f"{k}={v}" for k, v in guard.items())
+        raise FloatingPointError(
+            f"non-finite {what} step {step}: {values}. The run stopped without saving this state; "
+            f"last good checkpoint: {'none' if good is None else f'step {good} in {ckpt.directory}'}")
+    return guard
+
+
 def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
@@ -157,14 +171,7 @@ def train(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, mesh=None, sto
             if batch_hook is not None:
                 batch = batch_hook(step, batch)
             state, metrics = train_step(state, batch)
-            # A finite loss can still produce non-finite params (e.g. a huge step), so those are checked too.
-            guard = {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
-            if not all(map(math.isfinite, guard.values())):
-                good = ckpt.latest_step()
-                values = ", ".join(f"{k}={v}" for k, v in guard.items())
-                raise FloatingPointError(
-                    f"non-finite training step {step}: {values}. The run stopped without saving this state; "
-                    f"last good checkpoint: {'none' if good is None else f'step {good} in {ckpt.directory}'}")
+            guard = check_finite(metrics, step, ckpt, "training")
             record = {}
             if is_due(step, int(tc.log_every), total):
                 record.update(jax.device_get(metrics))

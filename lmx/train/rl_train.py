@@ -36,7 +36,16 @@ from lmx.models import ModelConfig, build
 from lmx.train import rewards as rw
 from lmx.train import rl
 from lmx.train.checkpoint import Checkpointer
-from lmx.train.loop import as_dict, cached_optimizer, is_due, model_config, optim_config, train, write_config
+from lmx.train.loop import (
+    as_dict,
+    cached_optimizer,
+    check_finite,
+    is_due,
+    model_config,
+    optim_config,
+    train,
+    write_config,
+)
 from lmx.train.metrics import MetricsWriter, read_metrics
 from lmx.train.optim import OptimConfig, lr_schedule
 from lmx.train.rl_loop import RLConfig, make_policy_loss, rl_step
@@ -267,13 +276,7 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
                 lambda s, b, _step=step: train_step(s, batch_hook(_step, b)))
             state, metrics = rl_step(state, prompts, reward_fn, model=model, train_step=step_fn, cfg=rl_cfg,
                                      refill=group if rounds > 1 else None)
-            guard = {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
-            if not all(map(math.isfinite, guard.values())):
-                good = ckpt.latest_step()
-                values = ", ".join(f"{k}={v}" for k, v in guard.items())
-                raise FloatingPointError(
-                    f"non-finite RL step {step}: {values}. The run stopped without saving this state; "
-                    f"last good checkpoint: {'none' if good is None else f'step {good} in {ckpt.directory}'}")
+            guard = check_finite(metrics, step, ckpt, "RL")
             record = {}
             if is_due(step, int(tc.log_every), total):
                 record.update(metrics)
