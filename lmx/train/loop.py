@@ -82,6 +82,15 @@ def as_dict(d) -> dict:
 cached_optimizer = functools.lru_cache(maxsize=8)(make_optimizer)
 
 
+def run_setup(cfg):
+    """What an SFT or RL run config builds first: (tokenizer, task, model config, model, optim config, optimizer)."""
+    tok = CharTokenizer()
+    task = get_task(cfg.task.name, **as_dict(cfg.task.get("kwargs", {})))
+    model_cfg = model_config(cfg.model, tok.vocab_size)
+    opt_cfg = optim_config(cfg)
+    return tok, task, model_cfg, build(model_cfg), opt_cfg, cached_optimizer(opt_cfg)
+
+
 @functools.lru_cache(maxsize=8)
 def _train_step(model_cfg: ModelConfig, opt_cfg: OptimConfig, mesh):
     return make_train_step(build(model_cfg), cached_optimizer(opt_cfg), mesh, lr_fn=lr_schedule(opt_cfg))
@@ -132,12 +141,7 @@ def train(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, mesh=None, sto
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     total = int(tc.steps)
-    tok = CharTokenizer()
-    task = get_task(cfg.task.name, **as_dict(cfg.task.get("kwargs", {})))
-    model_cfg = model_config(cfg.model, tok.vocab_size)
-    model = build(model_cfg)
-    opt_cfg = optim_config(cfg)
-    optimizer = cached_optimizer(opt_cfg)
+    tok, task, model_cfg, model, opt_cfg, optimizer = run_setup(cfg)
     if mesh is None:
         mesh = make_mesh(**as_dict(cfg.get("mesh", {})))
     if mesh.size == 1:

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from lmx.data import CharTokenizer, get_task, held_out_problems, prompt_batch
+from lmx.data import held_out_problems, prompt_batch
 from lmx.data.batching import step_rng
 from lmx.models import ModelConfig, build
 from lmx.train import rewards as rw
@@ -41,8 +41,8 @@ from lmx.train.loop import (
     cached_optimizer,
     check_finite,
     is_due,
-    model_config,
     optim_config,
+    run_setup,
     train,
     write_config,
 )
@@ -216,12 +216,7 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
     run_dir.mkdir(parents=True, exist_ok=True)
     tc, ev = cfg.train, cfg.eval
     total = int(tc.steps)
-    tok = CharTokenizer()
-    task = get_task(cfg.task.name, **as_dict(cfg.task.get("kwargs", {})))
-    model_cfg = model_config(cfg.model, tok.vocab_size)
-    model = build(model_cfg)
-    opt_cfg = optim_config(cfg)
-    optimizer = cached_optimizer(opt_cfg)
+    tok, task, model_cfg, model, opt_cfg, optimizer = run_setup(cfg)
     rl_cfg = rl_config(cfg, tok.eos_id)
     terms = parse_reward_spec(cfg.reward)
     B, rounds = int(cfg.rl.batch_size), rl_cfg.dynamic_rounds
