@@ -541,9 +541,56 @@ def shorter_better_reward(inputs: RewardInputs, config: ShorterBetterConfig) -> 
     return _finish(inputs, r)
 
 
+@dataclasses.dataclass(frozen=True)
+class LeadConfig:
+    """LEAD's efficiency reward R_eff (arXiv 2605.09806, ALGORITHMS §2 [code]), within each group:
+
+        L*_q = clamp(mean{ len_j : y_j correct }, L_min, B_max)   (no correct sample → L* = B_max)
+        symmetric (paper):   R_eff = max(−1, 1 − |len − L*| / L*)
+        asymmetric (code):   R_eff = max(0, 1 − len/L*) if correct, clip(1 − len/L*, −1, 0) if wrong
+
+    L_min = `min_target` (tokens), B_max = `max_target` (None: the rollout budget, the width T of
+    `tokens_BRT`). This is the efficiency stream only: under `lmx.train.rl_train`, a reward spec that names
+    `lead` trains with LEAD's two-stream advantage (`lmx.train.rl.lead_advantages`): correctness stream = the
+    spec's other terms (the verifier's score when there are none), efficiency stream = this reward.
+    Unscorable rows: NaN; they never count as correct."""
+
+    mode: Literal["symmetric", "asymmetric"] = "symmetric"
+    min_target: float = 1.0
+    max_target: float | None = None
+    correct_threshold: float = 1.0
+    length: LengthSource = "completion"
+
+
+@register_reward("lead", LeadConfig)
+def lead_reward(inputs: RewardInputs, config: LeadConfig) -> Array:
+    L = _lengths(inputs, config.length, "lead")
+    if config.max_target is not None:
+        b_max = float(config.max_target)
+    elif inputs.tokens_BRT is not None:
+        b_max = float(np.shape(inputs.tokens_BRT)[-1])
+    else:
+        raise ValueError("reward 'lead' needs LeadConfig.max_target (B_max) or RewardInputs.tokens_BRT (whose "
+                         "width T is the rollout budget)")
+    if not 0 < config.min_target <= b_max:
+        raise ValueError(f"LeadConfig.min_target={config.min_target!r} must lie in (0, B_max={b_max}]")
+    correct = _correct(inputs, config.correct_threshold) & inputs.valid_BR
+    n = correct.sum(1, keepdims=True)
+    mean_correct = jnp.where(correct, L, 0.0).sum(1, keepdims=True) / jnp.maximum(n, 1)
+    target = jnp.where(n > 0, jnp.clip(mean_correct, config.min_target, b_max), b_max)
+    rel = 1.0 - L / target
+    if config.mode == "symmetric":
+        r = jnp.maximum(-1.0, 1.0 - jnp.abs(L - target) / target)
+    elif config.mode == "asymmetric":
+        r = jnp.where(correct, jnp.maximum(0.0, rel), jnp.clip(rel, -1.0, 0.0))
+    else:
+        raise ValueError(f"LeadConfig.mode must be 'symmetric' or 'asymmetric', got {config.mode!r}")
+    return _finish(inputs, r)
+
+
 __all__ = [
     "CorrectnessConfig", "DapoOverlongConfig", "FormatConfig", "KimiLengthConfig", "L1ExactConfig", "L1MaxConfig",
-    "O1PrunerConfig", "RewardInputs", "RewardTerm", "ShorterBetterConfig", "available_rewards", "compute_rewards",
-    "count_between", "decode_completions", "get_reward", "make_reward_inputs", "register_reward", "reward_config",
-    "score_completions",
+    "LeadConfig", "O1PrunerConfig", "RewardInputs", "RewardTerm", "ShorterBetterConfig", "available_rewards",
+    "compute_rewards", "count_between", "decode_completions", "get_reward", "make_reward_inputs", "register_reward",
+    "reward_config", "score_completions",
 ]

@@ -28,7 +28,9 @@ Metrics = dict[str, jax.Array]
 # loss_fn(logprobs_XT, old_logprobs_XT, ref_logprobs_XT | None, advantages_X, mask_XT, config,
 #         *, num_tokens=None, num_seqs=None) -> (scalar loss, metrics)
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
-# advantage_fn(rewards, group_size=None, config=None, *, valid=None) -> (advantages, metrics)
+# advantage_fn(rewards, group_size=None, config=None, *, valid=None) -> (advantages, metrics). Two registered
+# estimators take more: treepo the leaves' `subgroup_ids`; lead two reward streams and its EMA `state`, returning
+# (advantages, state, metrics) — lmx.train.rl_loop dispatches on their names.
 AdvantageFn = Callable[..., tuple[jax.Array, Metrics]]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-sum-constant")
@@ -468,10 +470,11 @@ def lead_init_state() -> dict[str, jax.Array]:
     return {"w_c": jnp.asarray(0.5, jnp.float32)}
 
 
+@register_advantage("lead", LEADConfig)
 def lead_advantages(correctness, efficiency, group_size: int | None = None, config: LEADConfig | None = None,
                     *, state: dict[str, jax.Array], valid=None):
     """LEAD advantages (see LEADConfig): returns (advantages in the rewards' shape, new state, metrics).
-    Not in the `get_advantage` registry: it takes two reward streams and carries state."""
+    Registered as "lead", with its own signature: two reward streams in, and the EMA state carried across steps."""
     config = config or LEADConfig()
     if valid is not None:
         valid = jnp.asarray(valid, bool)

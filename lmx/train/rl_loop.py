@@ -53,15 +53,19 @@ class RLConfig:
     advantage_config: Any = None
     stop_tokens: tuple[int, ...] = ()
     dynamic_rounds: int = 1  # DAPO dynamic sampling: generation rounds per step (1: off)
+    micro_batches: int = 1  # gradient accumulation: each update sums the gradients of this many row slices
 
     def __post_init__(self):
-        for name in ("group_size", "max_new_tokens", "updates_per_rollout", "dynamic_rounds"):
+        for name in ("group_size", "max_new_tokens", "updates_per_rollout", "dynamic_rounds", "micro_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RLConfig.{name}={value!r} must be an int >= 1")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature!r} must be > 0 (RL samples)")
         rl.get_loss(self.loss), rl.get_advantage(self.advantage)  # unknown names fail here, listing the known
+        if self.advantage == "treepo":
+            raise ValueError("RLConfig.advantage='treepo' needs the tree rollouts' subgroup ids, which rl_step's "
+                             "independent rollouts do not have")
 
 
 PROMPT_BUCKET = 16  # prompt widths are padded to a multiple of this: few distinct batch shapes, few compilations
@@ -75,34 +79,38 @@ class Groups:
     tokens_BRT: np.ndarray
     lengths_BR: np.ndarray  # 0 for an empty slot
     logprobs_BRT: np.ndarray
-    advantages_BR: np.ndarray
+    rewards_BRS: np.ndarray  # S reward streams (1; LEAD: 2); 0 for an empty slot
 
     @classmethod
-    def of(cls, prompts, gen, advantages_BR):
+    def of(cls, prompts, gen, rewards_BRS):
         return cls(list(prompts), np.asarray(gen.tokens_BRT), np.asarray(gen.lengths_BR),
-                   np.asarray(gen.logprobs_BRT, np.float32), np.asarray(advantages_BR, np.float32))
+                   np.asarray(gen.logprobs_BRT, np.float32), np.asarray(rewards_BRS, np.float32))
 
     def take(self, idx) -> Groups:
         idx = list(idx)
-        return Groups([self.prompts[i] for i in idx], self.tokens_BRT[idx], self.lengths_BR[idx],
-                      self.logprobs_BRT[idx], self.advantages_BR[idx])
+        return Groups([self.prompts[i] for i in idx], *(a[idx] for a in dataclasses.astuple(self)[1:]))
+
+    def __add__(self, other: Groups) -> Groups:
+        return Groups(self.prompts + other.prompts, *(np.concatenate([a, b]) for a, b in
+                                                      zip(dataclasses.astuple(self)[1:],
+                                                          dataclasses.astuple(other)[1:], strict=True)))
 
     def padded(self, B: int) -> Groups:
         """Up to B slots, the missing ones empty (masked out)."""
         n = len(self.prompts)
         pad = lambda a, fill: np.concatenate([a, np.full((B - n, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
         return Groups(self.prompts + [[]] * (B - n), pad(self.tokens_BRT, PAD), pad(self.lengths_BR, 0),
-                      pad(self.logprobs_BRT, 0.0), pad(self.advantages_BR, 0.0))
+                      pad(self.logprobs_BRT, 0.0), pad(self.rewards_BRS, 0.0))
 
 
 def completion_batch(prompts: list[list[int]], gen, advantages_BR) -> dict[str, np.ndarray]:
     """The update batch (host numpy): for row x = b·R + r, tokens_XS = prompt b + sample r (right-padded),
     prompt_len_X, mask_XT over the completion's tokens (stop token included), old_logprobs_XT (the sampler's) and
     advantages_X."""
-    return groups_batch(Groups.of(prompts, gen, advantages_BR))
+    return groups_batch(Groups.of(prompts, gen, np.zeros(np.shape(gen.lengths_BR) + (1,))), advantages_BR)
 
 
-def groups_batch(g: Groups) -> dict[str, np.ndarray]:
+def groups_batch(g: Groups, advantages_BR) -> dict[str, np.ndarray]:
     B, R, T = g.tokens_BRT.shape
     P = max(1, -(-max(len(p) for p in g.prompts) // PROMPT_BUCKET) * PROMPT_BUCKET)
     tokens_XS = np.full((B * R, P + T), PAD, np.int32)
@@ -116,7 +124,7 @@ def groups_batch(g: Groups) -> dict[str, np.ndarray]:
     mask_XT = (np.arange(T)[None] < g.lengths_BR.reshape(-1)[:, None]).astype(np.float32)
     return {"tokens_XS": tokens_XS, "prompt_len_X": prompt_len_X, "mask_XT": mask_XT,
             "old_logprobs_XT": np.where(mask_XT > 0, g.logprobs_BRT.reshape(B * R, T), 0.0).astype(np.float32),
-            "advantages_X": g.advantages_BR.reshape(-1)}
+            "advantages_X": np.asarray(advantages_BR, np.float32).reshape(-1)}
 
 
 def completion_logprobs(model, params, tokens_XS, prompt_len_X, T: int, temperature: float):
@@ -139,9 +147,12 @@ def make_policy_loss(cfg: RLConfig) -> Callable:
         del rng
         T = batch["mask_XT"].shape[1]
         logp_XT = completion_logprobs(model, params, batch["tokens_XS"], batch["prompt_len_X"], T, cfg.temperature)
+        # Under gradient accumulation the batch carries the whole batch's token and sequence counts, so each
+        # micro-batch's loss is its share of the whole-batch loss (they sum to it; so do the gradients).
         loss, metrics = loss_fn(logp_XT, batch["old_logprobs_XT"], batch.get("ref_logprobs_XT"),
                                 batch["advantages_X"], batch["mask_XT"], loss_cfg,
-                                num_tokens=jnp.sum(batch["mask_XT"]))
+                                num_tokens=batch.get("num_tokens", jnp.sum(batch["mask_XT"])),
+                                num_seqs=batch.get("num_seqs"))
         mask = batch["mask_XT"] > 0
         diff = jnp.where(mask, jnp.abs(jax.lax.stop_gradient(logp_XT) - batch["old_logprobs_XT"]), 0.0)
         return loss, {**metrics, "logprob_diff_max": jnp.max(diff)}
@@ -150,62 +161,94 @@ def make_policy_loss(cfg: RLConfig) -> Callable:
 
 
 def _rollout(state, prompts, reward_fn, *, model, cfg: RLConfig, round_: int):
-    """One generation round: (Groups, rewards_BR, advantage metrics, Generation)."""
+    """One generation round: (Groups, Generation)."""
     key = jax.random.fold_in(state.rng, 1 << 20)  # rollouts: a stream apart from the updates
     gen = generate(model, state.params, prompts, max_new_tokens=cfg.max_new_tokens,
                    sampler=Sampler(temperature=cfg.temperature),
                    rng=jax.random.fold_in(jax.random.fold_in(key, state.step), round_),
                    num_samples=cfg.group_size, stop_tokens=cfg.stop_tokens)
-    rewards_BR = np.asarray(reward_fn(gen), np.float32)
-    want = tuple(gen.lengths_BR.shape)
-    if rewards_BR.shape != want:
-        raise ValueError(f"reward_fn returned shape {rewards_BR.shape}, expected [B, R] = {want}")
+    out = reward_fn(gen)
+    streams = [np.asarray(r, np.float32) for r in (out if isinstance(out, tuple) else (out,))]
+    want, S = tuple(gen.lengths_BR.shape), 2 if cfg.advantage == "lead" else 1
+    for r in streams:
+        if r.shape != want:
+            raise ValueError(f"reward_fn returned shape {r.shape}, expected [B, R] = {want}")
+    if len(streams) != S:
+        raise ValueError(f"advantage {cfg.advantage!r} takes {S} reward stream(s) per rollout; reward_fn returned "
+                         f"{len(streams)}" + (" (LEAD: a tuple (correctness_BR, efficiency_BR))" if S == 2 else ""))
+    return Groups.of(prompts, gen, np.stack(streams, -1)), gen
+
+
+def informative(rewards_BRS) -> np.ndarray:
+    """Groups with ≥ 2 scorable rollouts whose rewards are not all equal in some stream (DAPO keeps only these).
+    rewards_BR or rewards_BRS; a rollout is scorable when all its streams are finite."""
+    r = np.asarray(rewards_BRS)
+    r = r[..., None] if r.ndim == 2 else r
+    finite_BR = np.isfinite(r).all(-1)
+    hi = np.where(finite_BR[..., None], r, -np.inf).max(1)
+    lo = np.where(finite_BR[..., None], r, np.inf).min(1)
+    return (finite_BR.sum(1) >= 2) & (hi > lo).any(-1)
+
+
+def advantages(cfg: RLConfig, rewards_BRS, valid_BR, adv_state=None):
+    """The configured estimator on the step's final groups (batch-level statistics — LEAD's pooled weights, TreePO
+    whitening — see exactly the rollouts trained on). Returns (advantages_BR, metrics, new adv_state)."""
     adv_cfg = cfg.advantage_config if cfg.advantage_config is not None else rl.advantage_config(cfg.advantage)
-    advantages_BR, adv_metrics = rl.get_advantage(cfg.advantage)(jnp.asarray(rewards_BR), cfg.group_size, adv_cfg)
-    return Groups.of(prompts, gen, advantages_BR), rewards_BR, adv_metrics, gen
-
-
-def informative(rewards_BR) -> np.ndarray:
-    """Groups whose scorable rewards are not all equal (DAPO keeps only these)."""
-    finite = np.isfinite(rewards_BR)
-    hi = np.where(finite, rewards_BR, -np.inf).max(1)
-    lo = np.where(finite, rewards_BR, np.inf).min(1)
-    return (finite.sum(1) >= 2) & (hi > lo)
+    fn, r = rl.get_advantage(cfg.advantage), jnp.asarray(rewards_BRS)
+    if cfg.advantage == "lead":
+        adv_BR, adv_state, metrics = fn(r[..., 0], r[..., 1], cfg.group_size, adv_cfg, state=adv_state,
+                                        valid=valid_BR)
+        return adv_BR, metrics, adv_state
+    adv_BR, metrics = fn(r[..., 0], cfg.group_size, adv_cfg, valid=valid_BR)
+    return adv_BR, metrics, adv_state
 
 
 _ref_logprobs = jax.jit(completion_logprobs, static_argnums=(0, 4, 5))
 
 
 def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cfg: RLConfig, refill=None,
-            ref_params=None):
+            ref_params=None, adv_state=None):
     """Rollouts -> rewards -> advantages -> μ updates. reward_fn(gen) -> rewards_BR (host numpy; NaN =
-    unscorable). With cfg.dynamic_rounds > 1, `refill(round) -> (prompts, reward_fn)` supplies the fresh prompts
-    of each further round (module docstring). ref_params: the reference policy, required when the loss's β > 0.
-    Returns (state, metrics: plain floats)."""
+    unscorable), or for LEAD (cfg.advantage="lead") the tuple (correctness_BR, efficiency_BR). With
+    cfg.dynamic_rounds > 1, `refill(round) -> (prompts, reward_fn)` supplies the fresh prompts of each further
+    round (module docstring). ref_params: the reference policy, required when the loss's β > 0.
+    Returns (state, metrics: plain floats); with LEAD (state, metrics, adv_state): its EMA state, which the
+    caller passes back next step (start from `rl.lead_init_state()`)."""
     beta = getattr(cfg.loss_config if cfg.loss_config is not None else rl.loss_config(cfg.loss), "beta", 0.0)
     if beta > 0 and ref_params is None:
         raise ValueError(f"the {cfg.loss} loss has KL coefficient β={beta} > 0: pass ref_params (the reference "
                          f"policy) to rl_step")
+    stateful = cfg.advantage == "lead"
+    if stateful and adv_state is None:
+        raise ValueError("the 'lead' advantage carries an EMA across steps: pass adv_state (start from "
+                         "lmx.train.rl.lead_init_state()) and keep the one rl_step returns")
     t0 = time.perf_counter()
     B = len(prompts)
-    groups, rewards_BR, adv_metrics, gen = _rollout(state, prompts, reward_fn, model=model, cfg=cfg, round_=0)
-    all_rewards, rounds = [rewards_BR], 1
+    groups, gen = _rollout(state, prompts, reward_fn, model=model, cfg=cfg, round_=0)
+    all_rewards, rounds = [groups.rewards_BRS], 1
     if cfg.dynamic_rounds > 1:
         if refill is None:
             raise ValueError(f"RLConfig.dynamic_rounds={cfg.dynamic_rounds} needs a refill(round) callable")
-        groups = groups.take(np.flatnonzero(informative(rewards_BR)))
+        groups = groups.take(np.flatnonzero(informative(groups.rewards_BRS)))
         while len(groups.prompts) < B and rounds < cfg.dynamic_rounds:
             more, more_reward_fn = refill(rounds)
-            new, new_rewards, _, _ = _rollout(state, more, more_reward_fn, model=model, cfg=cfg, round_=rounds)
-            keep = np.flatnonzero(informative(new_rewards))[: B - len(groups.prompts)]
-            groups = Groups(*(a + b if isinstance(a, list) else np.concatenate([a, b])
-                              for a, b in zip(dataclasses.astuple(groups), dataclasses.astuple(new.take(keep)),
-                                              strict=True)))
-            all_rewards.append(new_rewards)
+            new, _ = _rollout(state, more, more_reward_fn, model=model, cfg=cfg, round_=rounds)
+            keep = np.flatnonzero(informative(new.rewards_BRS))[: B - len(groups.prompts)]
+            groups = groups + new.take(keep)
+            all_rewards.append(new.rewards_BRS)
             rounds += 1
         filled = len(groups.prompts)
         groups = groups.padded(B)
-    batch = groups_batch(groups)
+    valid_BR = groups.lengths_BR > 0  # an empty slot has no tokens
+    advantages_BR, adv_metrics, adv_state = advantages(cfg, groups.rewards_BRS, valid_BR, adv_state)
+    batch = groups_batch(groups, advantages_BR)
+    if cfg.micro_batches > 1:
+        X = batch["mask_XT"].shape[0]
+        if X % cfg.micro_batches:
+            raise ValueError(f"RLConfig.micro_batches={cfg.micro_batches} does not divide the {X} rows (B·G) of "
+                             "the update batch")
+        batch["num_tokens"] = np.float32(batch["mask_XT"].sum())
+        batch["num_seqs"] = np.float32((batch["mask_XT"].sum(1) > 0).sum())
     if ref_params is not None:
         batch["ref_logprobs_XT"] = np.asarray(_ref_logprobs(model, ref_params, batch["tokens_XS"],
                                                             batch["prompt_len_X"], batch["mask_XT"].shape[1],
@@ -215,13 +258,13 @@ def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cf
         state, metrics = train_step(state, batch)
     metrics = jax.device_get(metrics)
     t2 = time.perf_counter()
-    rewards = np.concatenate(all_rewards)
+    rewards = np.concatenate(all_rewards).sum(-1)  # over every round's rollouts; LEAD: the streams' sum
     lengths = np.asarray(gen.lengths_BR)
     finite = rewards[np.isfinite(rewards)]
     out = {k: float(v) for k, v in {**metrics, **jax.device_get(adv_metrics)}.items() if np.ndim(v) == 0}
     out |= {"reward_mean": float(finite.mean()) if finite.size else float("nan"),
             "reward_std": float(finite.std()) if finite.size else float("nan"),
-            "frac_reward_zero_std": float(np.mean(~informative(rewards))),
+            "frac_reward_zero_std": float(np.mean(~informative(np.concatenate(all_rewards)))),
             "completion_len_mean": float(lengths.mean()), "completion_len_min": float(lengths.min()),
             "completion_len_max": float(lengths.max()),
             "truncated_ratio": float(np.mean(~np.asarray(gen.finished_BR))),
@@ -229,4 +272,4 @@ def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cf
     if cfg.dynamic_rounds > 1:
         out |= {"dynamic_rounds": float(rounds), "dynamic_filled_groups": float(filled),
                 "dynamic_bound_hit": float(filled < B)}
-    return state, out
+    return (state, out, adv_state) if stateful else (state, out)

@@ -6,7 +6,8 @@ init (`cfg.init_from = "random"`, for tests), then runs `cfg.train.steps` RL ste
 on a built-in task with its exact verifier plus the reward terms of `cfg.reward`.
 
 Run directory layout: config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/<step>/ (the TrainState: policy
-params, opt_state, step, rng; plus the data position), sft/ (when the SFT run is trained here).
+params, opt_state, step, rng; plus the data position and LEAD's EMA), reference/ (π_ref, the frozen starting
+policy, only when the loss's β > 0), sft/ (when the SFT run is trained here).
 Step k means "after k RL steps" (each of μ = updates_per_rollout optimizer updates, so TrainState.step = μ·k).
 The prompts of step k depend only on (cfg.seed, k) and the rollouts' randomness only on the TrainState, so a run
 resumed from checkpoint k reproduces the uninterrupted run bit for bit (timings aside). metrics.jsonl step 0 holds
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -86,24 +88,42 @@ def parse_reward_spec(spec: str) -> tuple[rw.RewardTerm, ...]:
     return tuple(terms)
 
 
+def uses_lead(terms) -> bool:
+    return any(t.name == "lead" for t in terms)
+
+
 def rl_config(cfg, stop_id: int) -> RLConfig:
+    """The RLConfig of cfg. A reward spec naming `lead` trains with LEAD's two-stream advantage (cfg.advantage must
+    then be left at "group_normalized" or set to "lead"; cfg.advantage_kwargs configure LEADConfig)."""
     r = cfg.rl
     loss_kwargs = as_dict(cfg.get("loss_kwargs", {}))
     adv_kwargs = as_dict(cfg.get("advantage_kwargs", {}))
+    advantage = str(cfg.advantage)
+    if uses_lead(parse_reward_spec(cfg.reward)):
+        if advantage not in ("group_normalized", "lead"):
+            raise ValueError(f"config.reward={cfg.reward!r} trains with LEAD's two-stream advantage, but "
+                             f"config.advantage={advantage!r}; leave it at 'group_normalized' or set 'lead'")
+        advantage = "lead"
     return RLConfig(
         group_size=int(r.group_size), max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
         updates_per_rollout=int(r.updates_per_rollout), loss=str(cfg.loss),
         loss_config=rl.loss_config(str(cfg.loss), **loss_kwargs) if loss_kwargs else None,
-        advantage=str(cfg.advantage),
-        advantage_config=rl.advantage_config(str(cfg.advantage), **adv_kwargs) if adv_kwargs else None,
-        stop_tokens=(stop_id,), dynamic_rounds=int(r.dynamic_rounds))
+        advantage=advantage,
+        advantage_config=rl.advantage_config(advantage, **adv_kwargs) if adv_kwargs else None,
+        stop_tokens=(stop_id,), dynamic_rounds=int(r.dynamic_rounds),
+        micro_batches=int(r.get("micro_batches", 1)))
+
+
+def _beta(rl_cfg: RLConfig) -> float:
+    loss_cfg = rl_cfg.loss_config if rl_cfg.loss_config is not None else rl.loss_config(rl_cfg.loss)
+    return float(getattr(loss_cfg, "beta", 0.0))
 
 
 @functools.lru_cache(maxsize=8)
 def _rl_train_step(model_cfg: ModelConfig, opt_cfg: OptimConfig, rl_cfg: RLConfig):
     """Cached so a resumed run in the same process reuses the compiled update."""
     return make_train_step(build(model_cfg), cached_optimizer(opt_cfg), loss_fn=make_policy_loss(rl_cfg),
-                           lr_fn=lr_schedule(opt_cfg))
+                           lr_fn=lr_schedule(opt_cfg), micro_batches=rl_cfg.micro_batches)
 
 
 def sft_config(cfg) -> ml_collections.ConfigDict:
@@ -177,7 +197,12 @@ def _decode(tok, tokens_BRT, lengths_BR) -> list[list[str]]:
 
 def make_reward_fn(task, tok, problems, terms, log: list):
     """reward_fn(gen) -> rewards_BR: the task's verifier scores, then Σ weight·reward over `terms`. Appends
-    (scores_BR, {label: reward_BR}) to `log` for the per-reward metrics."""
+    (scores_BR, {label: reward_BR}) to `log` for the per-reward metrics. With a `lead` term it returns LEAD's two
+    streams (correctness_BR, efficiency_BR): the other terms' sum (the verifier's correctness when there are none)
+    and the lead term(s)."""
+    lead = uses_lead(terms)
+    if lead and all(t.name == "lead" for t in terms):
+        terms = (rw.RewardTerm("correctness"), *terms)
 
     def reward_fn(gen):
         scores = rw.score_completions(task, problems, _decode(tok, gen.tokens_BRT, gen.lengths_BR), on_error="nan")
@@ -185,7 +210,10 @@ def make_reward_fn(task, tok, problems, terms, log: list):
                                        think_ids=(tok.think_id, tok.end_think_id))
         total, parts = rw.compute_rewards(inputs, terms)
         log.append((scores, {k: np.asarray(v) for k, v in parts.items()}))
-        return np.asarray(total)
+        if not lead:
+            return np.asarray(total)
+        eff = sum(t.weight * np.asarray(parts[t.label or t.name]) for t in terms if t.name == "lead")
+        return np.asarray(total) - eff, eff
 
     return reward_fn
 
@@ -229,17 +257,30 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(
             Checkpointer(run_dir / "checkpoints", every=int(tc.ckpt_every), keep=int(tc.keep_checkpoints)))
-        restored = ckpt.restore_latest(abstract_state(model, optimizer))
+        abstract = abstract_state(model, optimizer)
+        restored = ckpt.restore_latest(abstract)
         sft_streams_path = run_dir / "sft_streams.json"
+        lead = rl_cfg.advantage == "lead"
+        ref_ckpt = stack.enter_context(Checkpointer(run_dir / "reference", every=1, keep=1)) if _beta(
+            rl_cfg) > 0 else None
         if restored is None:
             params, sft_streams = _init_params(cfg, run_dir, model, progress)
             sft_streams_path.write_text(json.dumps(sft_streams))
             state, start = _initial_state(model, optimizer, params, int(cfg.seed)), 0
+            adv_state = rl.lead_init_state() if lead else None
+            if ref_ckpt is not None:  # π_ref: a frozen copy of the starting policy (train_step donates the state's)
+                ref_params = jax.tree.map(jnp.copy, state.params)
+                ref_ckpt.save(0, ref_params, force=True)
         else:
             state, data_pos = restored
             start = int(data_pos["data_step"])
             sft_streams = json.loads(sft_streams_path.read_text()) if sft_streams_path.exists() else []
+            adv_state = {"w_c": jnp.float32(data_pos["lead_w_c"])} if lead else None
+            if ref_ckpt is not None:
+                ref_params, _ = ref_ckpt.restore_latest(abstract.params)
             logging.info("resuming %s from RL step %d", run_dir, start)
+        if ref_ckpt is None:
+            ref_params = None
         write_config(cfg, run_dir, start)
 
         train_step = _rl_train_step(model_cfg, opt_cfg, rl_cfg)
@@ -269,8 +310,9 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
             prompts, reward_fn = group(0)
             step_fn = train_step if batch_hook is None else (
                 lambda s, b, _step=step: train_step(s, batch_hook(_step, b)))
-            state, metrics = rl_step(state, prompts, reward_fn, model=model, train_step=step_fn, cfg=rl_cfg,
-                                     refill=group if rounds > 1 else None)
+            out = rl_step(state, prompts, reward_fn, model=model, train_step=step_fn, cfg=rl_cfg,
+                          refill=group if rounds > 1 else None, ref_params=ref_params, adv_state=adv_state)
+            state, metrics, adv_state = out if lead else (*out, None)
             guard = check_finite(metrics, step, ckpt, "RL")
             record = {}
             if is_due(step, int(tc.log_every), total):
@@ -281,7 +323,9 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
                 record.update({f"eval/{k}": v for k, v in last_eval.items() if k != "samples"})
             if record:
                 writer.write(step, record)
-            ckpt.save(step, state, {"data_step": step}, force=step == total)
+            # LEAD's EMA is a float32 scalar: its float64 JSON form round-trips exactly.
+            data_pos = {"data_step": step} | ({"lead_w_c": float(adv_state["w_c"])} if lead else {})
+            ckpt.save(step, state, data_pos, force=step == total)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{guard['loss']:.4f}", refresh=False)
         if start == total and n_eval > 0:  # re-run of a finished run: its final evaluation again (not re-logged)

@@ -85,18 +85,46 @@ def make_distill_loss(temperature: float = 1.0, ce_weight: float = 0.0) -> LossF
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None,
-                    loss_fn: LossFn = sft_loss, *, lr_fn: optax.Schedule | None = None, rules=DEFAULT_RULES
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+                    loss_fn: LossFn = sft_loss, *, lr_fn: optax.Schedule | None = None, rules=DEFAULT_RULES,
+                    micro_batches: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted; the input state is donated (do not reuse
     it). With a mesh, the state keeps the shardings of `state_shardings`, batch arrays are split over
     (data, fsdp) along their leading axis, metrics are replicated. Metrics: the loss_fn's, plus loss,
     grad_norm (before clipping), param_norm (after the update), lr (when `lr_fn` is given: the rate used
-    for this update)."""
+    for this update).
+
+    micro_batches > 1: gradient accumulation. The batch's arrays are split along their leading axis into that many
+    slices, run one after another (lax.scan: one slice's activations live at a time), and the losses and
+    gradients are SUMMED — so loss_fn must return each slice's share of the whole-batch loss (the RL policy loss
+    does, given the batch's 0-d `num_tokens` / `num_seqs` entries, which every slice sees whole). The loss_fn's
+    metrics are averaged over the slices (those named `*_max`: the max)."""
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches!r} must be an int >= 1")
+
+    def grads_of(params, batch, step_rng):
+        grad_fn = jax.value_and_grad(partial(loss_fn, model), has_aux=True)
+        if micro_batches == 1:
+            return grad_fn(params, batch, step_rng)
+        k = micro_batches
+        for name, x in batch.items():
+            if jnp.ndim(x) and x.shape[0] % k:
+                raise ValueError(f"micro_batches={k} does not divide batch[{name!r}]'s {x.shape[0]} rows")
+        whole = {n: x for n, x in batch.items() if not jnp.ndim(x)}
+        parts = {n: x.reshape(k, x.shape[0] // k, *x.shape[1:]) for n, x in batch.items() if jnp.ndim(x)}
+
+        def body(grads, inp):
+            i, part = inp
+            (loss, metrics), g = grad_fn(params, {**part, **whole}, jax.random.fold_in(step_rng, i))
+            return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (loss_k, metrics_k) = jax.lax.scan(body, zeros, (jnp.arange(k), parts))
+        metrics = {n: v.max(0) if n.endswith("_max") else v.mean(0) for n, v in metrics_k.items()}
+        return (loss_k.sum(), metrics), grads
 
     def step_fn(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(partial(loss_fn, model), has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
+        (loss, metrics), grads = grads_of(state.params, batch, step_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),

@@ -13,7 +13,8 @@ from lmx.data.tokenizer import CharTokenizer
 from lmx.train import rewards as rw
 
 TOK = CharTokenizer()
-NAMES = ("correctness", "dapo_overlong", "format", "kimi_length", "l1_exact", "l1_max", "o1_pruner", "shorter_better")
+NAMES = ("correctness", "dapo_overlong", "format", "kimi_length", "l1_exact", "l1_max", "lead", "o1_pruner",
+         "shorter_better")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,6 +93,25 @@ def np_shorter_better(s, L, valid, alpha=2.0, beta=0.001, thr=1.0):
     return out
 
 
+def np_lead(s, L, valid, b_max, l_min=1.0, mode="symmetric", thr=1.0):
+    out = np.zeros(s.shape)
+    for b in range(s.shape[0]):
+        correct = [L[b, r] for r in range(s.shape[1]) if valid[b, r] and s[b, r] >= thr]
+        target = min(max(sum(correct) / len(correct), l_min), b_max) if correct else b_max
+        for r in range(s.shape[1]):
+            if not valid[b, r]:
+                continue
+            if math.isnan(s[b, r]):
+                out[b, r] = math.nan
+            elif mode == "symmetric":
+                out[b, r] = max(-1.0, 1 - abs(L[b, r] - target) / target)
+            elif s[b, r] >= thr:
+                out[b, r] = max(0.0, 1 - L[b, r] / target)
+            else:
+                out[b, r] = min(max(1 - L[b, r] / target, -1.0), 0.0)
+    return out
+
+
 def np_o1(s, L, valid, ref_L, ref_A, lam=2.0, normalize="batch", eps=1e-6):
     raw = np.full(s.shape, math.nan)
     for b, r in np.ndindex(s.shape):
@@ -144,6 +164,8 @@ def random_batch(seed, B=4, R=6, with_nan=True):
 
 
 def run(name, inputs, **cfg):
+    if name == "lead" and inputs.tokens_BRT is None:
+        cfg.setdefault("max_target", 50.0)  # B_max; by default it is the rollout width T of tokens_BRT
     out = rw.get_reward(name)(inputs, rw.reward_config(name, **cfg))
     assert out.shape == inputs.shape and out.dtype == np.float32
     return np.asarray(out)
@@ -174,6 +196,20 @@ def test_group_rewards_match_numpy(seed):
     for normalize in ("batch", "group", "none"):
         close(run("o1_pruner", inputs, normalize=normalize), np_o1(s, L, valid, ref_L, ref_A, normalize=normalize))
     close(run("o1_pruner", inputs, lam=0.5), np_o1(s, L, valid, ref_L, ref_A, lam=0.5))
+    for mode in ("symmetric", "asymmetric"):
+        close(run("lead", inputs, max_target=50.0, mode=mode), np_lead(s, L, valid, 50.0, mode=mode))
+    close(run("lead", inputs, max_target=90.0, min_target=40.0), np_lead(s, L, valid, 90.0, l_min=40.0))
+
+
+def test_lead_budget_defaults_to_the_rollout_width():
+    inputs, s, L, valid, *_ = random_batch(4)
+    T = 33
+    with_tokens = inputs.replace(tokens_BRT=np.zeros(s.shape + (T,), np.int32))
+    close(run("lead", with_tokens), np_lead(s, L, valid, float(T)))
+    with pytest.raises(ValueError, match="max_target"):
+        rw.lead_reward(inputs, rw.LeadConfig())  # neither a budget nor tokens
+    with pytest.raises(ValueError, match="min_target=40"):
+        run("lead", with_tokens, min_target=40.0)  # L_min above B_max = T
 
 
 def test_o1_pruner_reference_from_group():

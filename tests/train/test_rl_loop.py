@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lmx.decoding import Sampler, generate
@@ -149,3 +150,66 @@ def test_kl_to_a_reference_policy(tiny):
     far = jax.tree.map(lambda a: a * 1.5, params)
     _, metrics = rl_step(state, PROMPTS, reward_fn, model=model, train_step=train_step, cfg=cfg, ref_params=far)
     assert metrics["kl"] > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["dapo", "grpo", "gspo"])  # token-mean, seq-mean-token-mean, sequence ratio
+def test_micro_batches_through_the_trainer_give_the_whole_batch_update(tiny, loss):
+    model, params = tiny("llama-tiny")
+    optimizer = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify rounding in tiny entries)
+    reward_fn = lambda gen: np.asarray(gen.lengths_BR, np.float32) + np.arange(3)  # noqa: E731
+    seen = {}
+
+    def updated(micro: int, drop_normalisers: bool = False):
+        cfg = RLConfig(group_size=3, max_new_tokens=5, loss=loss, micro_batches=micro, stop_tokens=(3, 8))
+        inner = make_train_step(model, optimizer, loss_fn=make_policy_loss(cfg), micro_batches=micro)
+
+        def train_step(state, batch):
+            seen[micro] = batch
+            if drop_normalisers:
+                batch = {k: v for k, v in batch.items() if k not in ("num_tokens", "num_seqs")}
+            return inner(state, batch)
+
+        state = TrainState(jax.tree.map(jnp.copy, params), optimizer.init(params), jnp.int32(0),
+                           jax.random.key_data(jax.random.key(0)))
+        state, metrics = rl_step(state, PROMPTS, reward_fn, model=model, train_step=train_step, cfg=cfg)
+        return state.params, metrics
+
+    whole, m1 = updated(1)
+    split, m2 = updated(2)
+    assert (seen[1]["mask_XT"].sum(1) < 5).any()  # rows of unequal length: the normalisers matter
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    if loss == "dapo":  # negative control: each slice normalised by its own token count is a different loss
+        naive, m3 = updated(2, drop_normalisers=True)
+        assert abs(m3["loss"] - m1["loss"]) > 1e-4 * abs(m1["loss"]) + 1e-6
+    with pytest.raises(ValueError, match=r"micro_batches=5 does not divide the 12 rows"):
+        rl_step(TrainState(params, None, jnp.int32(0), jax.random.key_data(jax.random.key(0))), PROMPTS, reward_fn,
+                model=model, train_step=None, cfg=RLConfig(group_size=3, max_new_tokens=2, micro_batches=5))
+
+
+def test_lead_advantage_in_the_step_carries_its_ema(tiny):
+    model, params = tiny("llama-tiny")
+    cfg = RLConfig(group_size=4, max_new_tokens=4, advantage="lead")
+    state = TrainState(params, None, jnp.int32(0), jax.random.key_data(jax.random.key(0)))
+    correct = lambda gen: np.asarray(gen.tokens_BRT[:, :, 0] < 64, np.float32)  # noqa: E731
+    efficiency = lambda gen: 1.0 - np.asarray(gen.lengths_BR, np.float32) / 4  # noqa: E731
+    seen = {}
+
+    def train_step(state, batch):
+        seen["adv"] = batch["advantages_X"]
+        return state, {"loss": jnp.float32(0)}
+
+    with pytest.raises(ValueError, match="pass adv_state"):
+        rl_step(state, PROMPTS, correct, model=model, train_step=train_step, cfg=cfg)
+    with pytest.raises(ValueError, match=r"takes 2 reward stream\(s\).*returned 1"):
+        rl_step(state, PROMPTS, correct, model=model, train_step=train_step, cfg=cfg, adv_state=rl.lead_init_state())
+    both = lambda gen: (correct(gen), efficiency(gen))  # noqa: E731
+    _, metrics, ema = rl_step(state, PROMPTS, both, model=model, train_step=train_step, cfg=cfg,
+                              adv_state=rl.lead_init_state())
+    gen = generate(model, params, PROMPTS, max_new_tokens=4, sampler=Sampler(1.0), num_samples=4,
+                   rng=jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(state.rng, 1 << 20), 0), 0))
+    want, want_ema, _ = rl.lead_advantages(correct(gen), efficiency(gen), 4, state=rl.lead_init_state())
+    np.testing.assert_allclose(seen["adv"], np.asarray(want).reshape(-1), atol=1e-6)  # the step's own rollouts
+    assert float(ema["w_c"]) == float(want_ema["w_c"]) != 0.5 and "lead_w_c" in metrics

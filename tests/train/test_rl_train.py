@@ -109,3 +109,55 @@ def test_sft_first_and_init_from_that_sft_run_start_from_the_same_params(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"not an SFT run directory"):
         cfg.init_from = str(tmp_path / "nowhere")
         train_rl(cfg, tmp_path / "c", progress=False)
+
+
+def test_lead_with_a_reference_policy_and_micro_batches_resumes_exactly(tmp_path):
+    """LEAD's EMA and π_ref are part of the run's state: killed and resumed = uninterrupted, bit for bit."""
+    cfg = tiny_rl_config(steps=4)
+    # A random policy is never correct, which would leave LEAD's weight at 0.5 (D_c + D_e = 0). So the
+    # correctness stream here is the length reward, "correct" when ≥ 0: both streams vary and the EMA moves.
+    cfg.reward = "kimi_length+lead"
+    cfg.advantage_kwargs = {"correct_threshold": 0.0}
+    cfg.loss_kwargs = {"beta": 0.05}
+    cfg.rl.micro_batches = 2
+    cfg.train.ckpt_every = 2
+    cfg.eval.num_problems = 0
+    full = train_rl(cfg, tmp_path / "full", progress=False)
+    assert Checkpointer(tmp_path / "full" / "reference").all_steps() == [0]
+    train_rl(cfg, tmp_path / "resumed", stop_at=3, progress=False)  # killed after step 3; resumes from step 2
+    resumed = train_rl(cfg, tmp_path / "resumed", progress=False)
+    a, b = read_metrics(tmp_path / "resumed"), full.history
+    assert [comparable(r) for r in a] == [comparable(r) for r in b]
+    w = [r["lead_w_c"] for r in b]
+    assert len(set(w)) == len(w)  # the EMA moves every step, so a restart from 0.5 would show
+    assert all(r["kl"] > 0 for r in b[1:]) and all("reward/lead_mean" in r for r in b)
+    for x, y in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(full.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match=r"config.advantage='group_centered'"):
+        cfg.advantage = "group_centered"
+        train_rl(cfg, tmp_path / "bad", progress=False)
+
+
+def test_a_lead_only_spec_pairs_the_verifier_with_the_efficiency_stream():
+    from types import SimpleNamespace
+
+    from lmx.data import CharTokenizer
+    from lmx.data.tasks import Arithmetic
+    from lmx.train import rewards as rw
+    from lmx.train.rl_train import make_reward_fn
+
+    tok, task = CharTokenizer(), Arithmetic()
+    problem = task.make(12, 30, "+")
+    rows = [tok.encode("<think>2+0+0=02;1+3+0=04</think><answer>42</answer>") + [tok.eos_id],
+            tok.encode("<answer>41</answer>") + [tok.eos_id]]
+    T = max(map(len, rows)) + 2
+    tokens = np.zeros((1, 2, T), np.int32)
+    for r, row in enumerate(rows):
+        tokens[0, r, :len(row)] = row
+    gen = SimpleNamespace(tokens_BRT=tokens, lengths_BR=np.array([[len(r) for r in rows]], np.int32))
+    log = []
+    correctness, efficiency = make_reward_fn(task, tok, [problem], parse_reward_spec("lead"), log)(gen)
+    np.testing.assert_array_equal(correctness, [[1.0, 0.0]])
+    inputs = rw.make_reward_inputs(np.array([[1.0, 0.0]]), tokens, gen.lengths_BR)
+    np.testing.assert_allclose(efficiency, rw.lead_reward(inputs, rw.LeadConfig()))
+    assert set(log[0][1]) == {"correctness", "lead"}
