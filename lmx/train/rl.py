@@ -127,7 +127,8 @@ def kl_divergence(logprobs_XT, ref_logprobs_XT, estimator: str = "k3"):
 
     With log r = log π_ref − log π_θ:  k1 = −log r,  k2 = ½ (log r)²,  k3 = r − log r − 1 (GRPO's choice).
     Unmasked: multiply or `aggregate` with the mask. k1 is unbiased in value but its gradient in a loss is wrong
-    in expectation; k3's gradient is biased unless weighted by the ratio (TRL #4637): the losses log which ran.
+    in expectation; k3's gradient is biased unless weighted by the ratio (TRL #4637; `kl_ratio_weighted` of the
+    loss configs).
     """
     log_r = ref_logprobs_XT - logprobs_XT
     if estimator == "k1":
@@ -149,12 +150,16 @@ class ClipLossConfig:
     eps_low, eps_high: ε_low, ε_high.   dual_clip_c: c of dual-clip PPO (for Â < 0 the loss is capped at −c·Â;
     None = off).   beta: β (needs ref log-probs when > 0).   kl_estimator: "k1" | "k2" | "k3".
     aggregation: one of AGGREGATIONS (see `aggregate`).   max_tokens: MAX_TOKENS of "seq-sum-constant" (None = T).
+    kl_ratio_weighted: use ρ·KL_t (ρ = π_θ/π_old, its gradient kept) in place of KL_t. The tokens were sampled
+    from π_old, and E_old[ρ·f] = E_θ[f]; with k3 the gradient of E_old[ρ·k3] is exactly ∇KL(π_θ ‖ π_ref), where
+    plain k3's gradient is that of the forward KL(π_ref ‖ π_θ) (TRL #4637). Off (the papers' form) by default.
     """
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip_c: float | None = None
     beta: float = 0.0
     kl_estimator: str = "k3"
+    kl_ratio_weighted: bool = False
     aggregation: str = "seq-mean-token-mean"
     max_tokens: int | None = None
 
@@ -243,7 +248,8 @@ def _surrogate(ratio_XT, clipped_XT, adv_XT, config):
     return loss_XT, metrics_XT
 
 
-def _finish(pg_XT, metrics_XT, logprobs_XT, ref_logprobs_XT, ratio_XT, mask_XT, config, num_tokens, num_seqs):
+def _finish(pg_XT, metrics_XT, logprobs_XT, ref_logprobs_XT, ratio_XT, mask_XT, config, num_tokens, num_seqs,
+            old_logprobs_XT=None):
     """Add β·KL, aggregate, and reduce the per-token metrics over the mask."""
     agg = lambda a: aggregate(a, mask_XT, config.aggregation, num_tokens=num_tokens,  # noqa: E731
                               num_seqs=num_seqs, max_tokens=config.max_tokens)
@@ -251,6 +257,8 @@ def _finish(pg_XT, metrics_XT, logprobs_XT, ref_logprobs_XT, ratio_XT, mask_XT, 
     if ref_logprobs_XT is not None:
         kl_XT = kl_divergence(logprobs_XT, ref_logprobs_XT, config.kl_estimator)
         metrics["kl"] = _masked_mean(jax.lax.stop_gradient(kl_XT), mask_XT)
+        if config.kl_ratio_weighted:  # the per-token ratio to π_old (also under GSPO's sequence ratio)
+            kl_XT = jnp.exp(logprobs_XT - jax.lax.stop_gradient(old_logprobs_XT)) * kl_XT
         if config.beta > 0:
             loss_XT = loss_XT + config.beta * kl_XT
     loss = agg(loss_XT)
@@ -279,7 +287,7 @@ def _token_clip_loss(bounded_grad: bool):
         else:
             clipped = jnp.clip(ratio, lo, hi)
         pg, metrics_XT = _surrogate(ratio, clipped, adv, config)
-        return _finish(pg, metrics_XT, logp, ref, ratio, mask, config, num_tokens, num_seqs)
+        return _finish(pg, metrics_XT, logp, ref, ratio, mask, config, num_tokens, num_seqs, old)
     return loss_fn
 
 
@@ -306,7 +314,7 @@ def gspo_loss(logprobs_XT, old_logprobs_XT, ref_logprobs_XT, advantages_X, mask_
         ratio = jnp.broadcast_to(jnp.exp(log_s_X)[:, None], mask.shape)
     clipped = jnp.clip(ratio, 1 - config.eps_low, 1 + config.eps_high)
     pg, metrics_XT = _surrogate(ratio, clipped, adv, config)
-    return _finish(pg, metrics_XT, logp, ref, ratio, mask, config, num_tokens, num_seqs)
+    return _finish(pg, metrics_XT, logp, ref, ratio, mask, config, num_tokens, num_seqs, old)
 
 
 # --------------------------------------------------------------------------------------- advantage estimators

@@ -425,3 +425,25 @@ def test_lead_advantages_match_numpy_over_steps():
     # the λ_min floor: an EMA state far below it still weights correctness by λ_min
     _, _, m = rl.lead_advantages(jnp.asarray(c), jnp.asarray(e), state={"w_c": jnp.float32(0.0)})
     np.testing.assert_allclose(m["lead_w_c"], 0.3)
+
+
+@pytest.mark.parametrize("name", ["grpo", "gspo"])
+def test_ratio_weighted_k3_has_the_exact_reverse_kl_gradient(name):
+    """Rows sampled from π_old in exact proportion (1/2, 1/3, 1/6 of 6 rows) make the token-mean an exact
+    expectation E_old[·]. With ρ-weighting, ∇E_old[ρ·k3] = ∇KL(π_θ ‖ π_ref) at θ = θ_old; plain k3's is not."""
+    p_old = np.array([1 / 2, 1 / 3, 1 / 6])
+    theta = jnp.log(jnp.asarray(p_old, jnp.float32))
+    log_ref = jnp.log(jnp.asarray([0.2, 0.5, 0.3], jnp.float32))
+    tokens = np.array([0, 0, 0, 1, 1, 2])
+    mask, adv = jnp.ones((6, 1)), jnp.zeros(6)  # A = 0: only the KL term has a gradient
+    old = jax.nn.log_softmax(theta)[tokens][:, None]
+
+    def loss(theta, weighted):
+        cfg = rl.loss_config(name, beta=1.0, aggregation="token-mean", kl_ratio_weighted=weighted)
+        logp = jax.nn.log_softmax(theta)[tokens][:, None]
+        return rl.get_loss(name)(logp, old, log_ref[tokens][:, None], adv, mask, cfg)[0]
+
+    exact = jax.grad(lambda t: jnp.sum(jax.nn.softmax(t) * (jax.nn.log_softmax(t) - log_ref)))(theta)
+    np.testing.assert_allclose(jax.grad(loss)(theta, True), exact, atol=1e-6)
+    assert np.abs(np.asarray(jax.grad(loss)(theta, False) - exact)).max() > 1e-2  # the bias the weighting removes
+    np.testing.assert_allclose(loss(theta, True), loss(theta, False), rtol=1e-6)  # same value on-policy (ρ = 1)
