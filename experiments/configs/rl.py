@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
         "temperature": 1.0,
         "updates_per_rollout": 1,  # μ
         "dynamic_rounds": 1,  # DAPO dynamic sampling: generation rounds per step (1: off)
+        "micro_batches": 1,  # gradient accumulation: row slices per update
+        # TreePO segment-tree rollouts (with --config.advantage=treepo): segment_len > 0 turns them on; the
+        # product of branching must equal group_size, e.g. segment_len=8, branching=(1, 2, 2) for G=4.
+        "tree": {"segment_len": 0, "branching": (1, 2, 2)},
     })
     rl_steps = ml_collections.FieldReference(100)
     cfg.train = ConfigDict({"steps": rl_steps, "log_every": 1, "ckpt_every": 25, "keep_checkpoints": 2})

@@ -16,8 +16,10 @@ no informative group at all applies a zero-gradient update, never an error.
 KL to a reference policy: a loss config with β > 0 needs `ref_params` (a frozen copy of the starting policy);
 their log-probs of the completions are computed once per rollout, like π_old's, and passed to the loss.
 
-The RL run (prompts from a task, verifier rewards, metrics, checkpoints with exact resume) is lmx.train.rl_train;
-TreePO rollouts are not built yet.
+TreePO (`RLConfig.tree`, `advantage="treepo"`): the rollouts are lmx.train.treepo's segment trees; a tree's
+duplicate leaves (all of a prompt's branches finished early) are emptied rows, like dynamic sampling's empty slots.
+
+The RL run (prompts from a task, verifier rewards, metrics, checkpoints with exact resume) is lmx.train.rl_train.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 from lmx.decoding import Sampler, generate
 from lmx.train import rl
+from lmx.train.treepo import TreeConfig, tree_rollout
 
 PAD = 0
 
@@ -54,6 +57,7 @@ class RLConfig:
     stop_tokens: tuple[int, ...] = ()
     dynamic_rounds: int = 1  # DAPO dynamic sampling: generation rounds per step (1: off)
     micro_batches: int = 1  # gradient accumulation: each update sums the gradients of this many row slices
+    tree: TreeConfig | None = None  # TreePO segment-tree rollouts (lmx.train.treepo) in place of R independent ones
 
     def __post_init__(self):
         for name in ("group_size", "max_new_tokens", "updates_per_rollout", "dynamic_rounds", "micro_batches"):
@@ -63,9 +67,16 @@ class RLConfig:
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature!r} must be > 0 (RL samples)")
         rl.get_loss(self.loss), rl.get_advantage(self.advantage)  # unknown names fail here, listing the known
-        if self.advantage == "treepo":
-            raise ValueError("RLConfig.advantage='treepo' needs the tree rollouts' subgroup ids, which rl_step's "
-                             "independent rollouts do not have")
+        if self.tree is not None:
+            if not isinstance(self.tree, TreeConfig):
+                raise TypeError(f"RLConfig.tree must be a lmx.train.treepo.TreeConfig, got {self.tree!r}")
+            if (self.tree.num_leaves, self.tree.max_new_tokens) != (self.group_size, self.max_new_tokens):
+                raise ValueError(f"RLConfig.tree has G={self.tree.num_leaves} leaves and max_new_tokens="
+                                 f"{self.tree.max_new_tokens}, but group_size={self.group_size} and max_new_tokens="
+                                 f"{self.max_new_tokens}: they must agree")
+        if self.advantage == "treepo" and self.tree is None:
+            raise ValueError("RLConfig.advantage='treepo' needs the tree rollouts' subgroup ids: set RLConfig.tree "
+                             "(a TreeConfig)")
 
 
 PROMPT_BUCKET = 16  # prompt widths are padded to a multiple of this: few distinct batch shapes, few compilations
@@ -80,11 +91,18 @@ class Groups:
     lengths_BR: np.ndarray  # 0 for an empty slot
     logprobs_BRT: np.ndarray
     rewards_BRS: np.ndarray  # S reward streams (1; LEAD: 2); 0 for an empty slot
+    subgroup_ids_BRd: np.ndarray  # tree rollouts: the leaves' ancestors per depth (d = 0 without a tree)
 
     @classmethod
-    def of(cls, prompts, gen, rewards_BRS):
-        return cls(list(prompts), np.asarray(gen.tokens_BRT), np.asarray(gen.lengths_BR),
-                   np.asarray(gen.logprobs_BRT, np.float32), np.asarray(rewards_BRS, np.float32))
+    def of(cls, prompts, gen, rewards_BRS, subgroup_ids_BRd=None, valid_BR=None):
+        """valid_BR False (a tree's duplicate leaves) empties a row: length 0, so no loss, mean or advantage."""
+        lengths_BR = np.asarray(gen.lengths_BR)
+        if valid_BR is not None:
+            lengths_BR = np.where(np.asarray(valid_BR), lengths_BR, 0)
+        if subgroup_ids_BRd is None:
+            subgroup_ids_BRd = np.zeros(lengths_BR.shape + (0,), np.int32)
+        return cls(list(prompts), np.asarray(gen.tokens_BRT), lengths_BR, np.asarray(gen.logprobs_BRT, np.float32),
+                   np.asarray(rewards_BRS, np.float32), np.asarray(subgroup_ids_BRd, np.int32))
 
     def take(self, idx) -> Groups:
         idx = list(idx)
@@ -100,7 +118,7 @@ class Groups:
         n = len(self.prompts)
         pad = lambda a, fill: np.concatenate([a, np.full((B - n, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
         return Groups(self.prompts + [[]] * (B - n), pad(self.tokens_BRT, PAD), pad(self.lengths_BR, 0),
-                      pad(self.logprobs_BRT, 0.0), pad(self.rewards_BRS, 0.0))
+                      pad(self.logprobs_BRT, 0.0), pad(self.rewards_BRS, 0.0), pad(self.subgroup_ids_BRd, 0))
 
 
 def completion_batch(prompts: list[list[int]], gen, advantages_BR) -> dict[str, np.ndarray]:
@@ -163,10 +181,14 @@ def make_policy_loss(cfg: RLConfig) -> Callable:
 def _rollout(state, prompts, reward_fn, *, model, cfg: RLConfig, round_: int):
     """One generation round: (Groups, Generation)."""
     key = jax.random.fold_in(state.rng, 1 << 20)  # rollouts: a stream apart from the updates
-    gen = generate(model, state.params, prompts, max_new_tokens=cfg.max_new_tokens,
-                   sampler=Sampler(temperature=cfg.temperature),
-                   rng=jax.random.fold_in(jax.random.fold_in(key, state.step), round_),
-                   num_samples=cfg.group_size, stop_tokens=cfg.stop_tokens)
+    rng, sampler = jax.random.fold_in(jax.random.fold_in(key, state.step), round_), Sampler(cfg.temperature)
+    ids = valid = None
+    if cfg.tree is None:
+        gen = generate(model, state.params, prompts, max_new_tokens=cfg.max_new_tokens, sampler=sampler, rng=rng,
+                       num_samples=cfg.group_size, stop_tokens=cfg.stop_tokens)
+    else:
+        gen, ids, valid = tree_rollout(model, state.params, prompts, cfg=cfg.tree, sampler=sampler, rng=rng,
+                                       stop_tokens=cfg.stop_tokens)
     out = reward_fn(gen)
     streams = [np.asarray(r, np.float32) for r in (out if isinstance(out, tuple) else (out,))]
     want, S = tuple(gen.lengths_BR.shape), 2 if cfg.advantage == "lead" else 1
@@ -176,7 +198,7 @@ def _rollout(state, prompts, reward_fn, *, model, cfg: RLConfig, round_: int):
     if len(streams) != S:
         raise ValueError(f"advantage {cfg.advantage!r} takes {S} reward stream(s) per rollout; reward_fn returned "
                          f"{len(streams)}" + (" (LEAD: a tuple (correctness_BR, efficiency_BR))" if S == 2 else ""))
-    return Groups.of(prompts, gen, np.stack(streams, -1)), gen
+    return Groups.of(prompts, gen, np.stack(streams, -1), ids, valid), gen
 
 
 def informative(rewards_BRS) -> np.ndarray:
@@ -190,16 +212,18 @@ def informative(rewards_BRS) -> np.ndarray:
     return (finite_BR.sum(1) >= 2) & (hi > lo).any(-1)
 
 
-def advantages(cfg: RLConfig, rewards_BRS, valid_BR, adv_state=None):
+def advantages(cfg: RLConfig, groups: Groups, adv_state=None):
     """The configured estimator on the step's final groups (batch-level statistics — LEAD's pooled weights, TreePO
-    whitening — see exactly the rollouts trained on). Returns (advantages_BR, metrics, new adv_state)."""
+    whitening — see exactly the rollouts trained on; empty slots and a tree's duplicate leaves are invalid).
+    Returns (advantages_BR, metrics, new adv_state)."""
     adv_cfg = cfg.advantage_config if cfg.advantage_config is not None else rl.advantage_config(cfg.advantage)
-    fn, r = rl.get_advantage(cfg.advantage), jnp.asarray(rewards_BRS)
+    fn, r, valid_BR = rl.get_advantage(cfg.advantage), jnp.asarray(groups.rewards_BRS), groups.lengths_BR > 0
     if cfg.advantage == "lead":
         adv_BR, adv_state, metrics = fn(r[..., 0], r[..., 1], cfg.group_size, adv_cfg, state=adv_state,
                                         valid=valid_BR)
         return adv_BR, metrics, adv_state
-    adv_BR, metrics = fn(r[..., 0], cfg.group_size, adv_cfg, valid=valid_BR)
+    extra = {"subgroup_ids": groups.subgroup_ids_BRd} if cfg.advantage == "treepo" else {}
+    adv_BR, metrics = fn(r[..., 0], cfg.group_size, adv_cfg, valid=valid_BR, **extra)
     return adv_BR, metrics, adv_state
 
 
@@ -239,8 +263,7 @@ def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cf
             rounds += 1
         filled = len(groups.prompts)
         groups = groups.padded(B)
-    valid_BR = groups.lengths_BR > 0  # an empty slot has no tokens
-    advantages_BR, adv_metrics, adv_state = advantages(cfg, groups.rewards_BRS, valid_BR, adv_state)
+    advantages_BR, adv_metrics, adv_state = advantages(cfg, groups, adv_state)
     batch = groups_batch(groups, advantages_BR)
     if cfg.micro_batches > 1:
         X = batch["mask_XT"].shape[0]
@@ -269,6 +292,8 @@ def rl_step(state, prompts: list[list[int]], reward_fn, *, model, train_step, cf
             "completion_len_max": float(lengths.max()),
             "truncated_ratio": float(np.mean(~np.asarray(gen.finished_BR))),
             "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens_per_s": float(lengths.sum()) / max(t2 - t0, 1e-9)}
+    if cfg.tree is not None:  # the prefix sharing: positions the tree decoded vs G independent samples
+        out |= {k: float(gen.stats[k]) for k in ("decoded_rows_tokens", "independent_rows_tokens", "invalid_leaves")}
     if cfg.dynamic_rounds > 1:
         out |= {"dynamic_rounds": float(rounds), "dynamic_filled_groups": float(filled),
                 "dynamic_bound_hit": float(filled < B)}

@@ -53,6 +53,7 @@ from lmx.train.optim import OptimConfig, lr_schedule
 from lmx.train.rl_loop import RLConfig, make_policy_loss, rl_step
 from lmx.train.sft import evaluate, make_train_step
 from lmx.train.state import TrainState, abstract_state
+from lmx.train.treepo import TreeConfig
 
 # Timings differ between runs; every other metric of a resumed run equals the uninterrupted run's.
 TIMING_KEYS = ("rollout_s", "update_s", "tokens_per_s")
@@ -111,7 +112,15 @@ def rl_config(cfg, stop_id: int) -> RLConfig:
         advantage=advantage,
         advantage_config=rl.advantage_config(advantage, **adv_kwargs) if adv_kwargs else None,
         stop_tokens=(stop_id,), dynamic_rounds=int(r.dynamic_rounds),
-        micro_batches=int(r.get("micro_batches", 1)))
+        micro_batches=int(r.get("micro_batches", 1)), tree=_tree_config(r))
+
+
+def _tree_config(r) -> TreeConfig | None:
+    """cfg.rl.tree = {segment_len, branching}: TreePO rollouts (segment_len 0: independent samples)."""
+    tree = r.get("tree")
+    if tree is None or not int(tree.get("segment_len", 0)):
+        return None
+    return TreeConfig(int(tree.segment_len), tuple(int(b) for b in tree.branching), int(r.max_new_tokens))
 
 
 def _beta(rl_cfg: RLConfig) -> float:

@@ -213,3 +213,33 @@ def test_lead_advantage_in_the_step_carries_its_ema(tiny):
     want, want_ema, _ = rl.lead_advantages(correct(gen), efficiency(gen), 4, state=rl.lead_init_state())
     np.testing.assert_allclose(seen["adv"], np.asarray(want).reshape(-1), atol=1e-6)  # the step's own rollouts
     assert float(ema["w_c"]) == float(want_ema["w_c"]) != 0.5 and "lead_w_c" in metrics
+
+
+def test_treepo_step_trains_on_the_tree_with_its_subgroup_advantages(tiny):
+    from lmx.train.treepo import TreeConfig, tree_rollout
+
+    model, params = tiny("llama-tiny")
+    tree = TreeConfig(segment_len=2, branching=(1, 2, 2), max_new_tokens=6)
+    stops = tuple(range(0, 128, 5))  # some branches finish early: reallocation, maybe duplicates
+    cfg = RLConfig(group_size=4, max_new_tokens=6, advantage="treepo", tree=tree, stop_tokens=stops)
+    state = TrainState(params, None, jnp.int32(0), jax.random.key_data(jax.random.key(3)))
+    reward_fn = lambda gen: np.asarray(gen.tokens_BRT[:, :, -1] % 3, np.float32)  # noqa: E731
+    seen = {}
+
+    def train_step(state, batch):
+        seen["batch"] = batch
+        return state, {"loss": jnp.float32(0)}
+
+    _, metrics = rl_step(state, PROMPTS, reward_fn, model=model, train_step=train_step, cfg=cfg)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(state.rng, 1 << 20), 0), 0)
+    gen, ids, valid = tree_rollout(model, params, PROMPTS, cfg=tree, sampler=Sampler(1.0), rng=rng, stop_tokens=stops)
+    want, _ = rl.treepo_advantages(reward_fn(gen), 4, subgroup_ids=ids, valid=valid)
+    batch = seen["batch"]
+    np.testing.assert_allclose(batch["advantages_X"], np.asarray(want).reshape(-1), atol=1e-6)
+    lengths = np.where(np.asarray(valid), np.asarray(gen.lengths_BR), 0).reshape(-1)
+    np.testing.assert_array_equal(batch["mask_XT"].sum(1), lengths)  # duplicate leaves carry no loss
+    assert metrics["decoded_rows_tokens"] < metrics["independent_rows_tokens"]  # the shared prefixes
+    with pytest.raises(ValueError, match=r"advantage='treepo' needs the tree"):
+        RLConfig(advantage="treepo")
+    with pytest.raises(ValueError, match=r"G=4 leaves .* group_size=8"):
+        RLConfig(group_size=8, max_new_tokens=6, tree=tree)

@@ -161,3 +161,15 @@ def test_a_lead_only_spec_pairs_the_verifier_with_the_efficiency_stream():
     inputs = rw.make_reward_inputs(np.array([[1.0, 0.0]]), tokens, gen.lengths_BR)
     np.testing.assert_allclose(efficiency, rw.lead_reward(inputs, rw.LeadConfig()))
     assert set(log[0][1]) == {"correctness", "lead"}
+
+
+def test_config_turns_on_tree_rollouts_and_micro_batches():
+    from lmx.train.rl_train import rl_config
+
+    cfg = tiny_rl_config()
+    assert rl_config(cfg, 2).tree is None and rl_config(cfg, 2).micro_batches == 1
+    cfg.advantage = "treepo"
+    cfg.rl.update({"group_size": 4, "micro_batches": 2, "tree": {"segment_len": 3, "branching": (1, 2, 2)}})
+    got = rl_config(cfg, 2)
+    assert (got.tree.segment_len, got.tree.branching, got.tree.max_new_tokens) == (3, (1, 2, 2), 12)
+    assert got.micro_batches == 2 and got.advantage == "treepo"
