@@ -21,7 +21,7 @@ import functools
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lmx.data import held_out_problems, prompt_batch
 from lmx.data.batching import step_rng
+from lmx.decoding import Sampler, generate
 from lmx.models import ModelConfig, build
 from lmx.train import rewards as rw
 from lmx.train import rl
@@ -58,6 +59,7 @@ from lmx.train.treepo import TreeConfig
 # Timings differ between runs; every other metric of a resumed run equals the uninterrupted run's.
 TIMING_KEYS = ("rollout_s", "update_s", "tokens_per_s")
 DATA_SEED_OFFSET = 0x5EED  # RL prompts come from a stream apart from the SFT batches (seed, step)
+REFERENCE_SEED_OFFSET = 0x5EF  # O1-Pruner's reference samples: a stream of their own
 
 
 @dataclass
@@ -72,9 +74,10 @@ class RLResult:
         return self.state.params
 
 
-def parse_reward_spec(spec: str) -> tuple[rw.RewardTerm, ...]:
+def parse_reward_spec(spec: str, kwargs=None) -> tuple[rw.RewardTerm, ...]:
     """"correctness+kimi_length" or "correctness+0.5*kimi_length" -> RewardTerms (unknown names fail, listing the
-    registered rewards)."""
+    registered rewards). kwargs: {reward name: {config field: value}} (cfg.reward_kwargs)."""
+    kwargs = as_dict(kwargs or {})
     terms = []
     for part in str(spec).replace(" ", "").split("+"):
         if not part:
@@ -85,8 +88,21 @@ def parse_reward_spec(spec: str) -> tuple[rw.RewardTerm, ...]:
         except ValueError:
             raise ValueError(f"config.reward={spec!r}: weight {weight!r} of {name!r} is not a number") from None
         rw.get_reward(name)
-        terms.append(rw.RewardTerm(name, weight=w))
+        config = rw.reward_config(name, **as_dict(kwargs[name])) if name in kwargs else None
+        terms.append(rw.RewardTerm(name, config=config, weight=w))
+    unused = set(kwargs) - {t.name for t in terms}
+    if unused:
+        raise ValueError(f"config.reward_kwargs names {sorted(unused)}, which config.reward={spec!r} does not use")
     return tuple(terms)
+
+
+def _reward_terms(cfg) -> tuple[rw.RewardTerm, ...]:
+    return parse_reward_spec(cfg.reward, cfg.get("reward_kwargs"))
+
+
+def needs_reference_stats(terms) -> bool:
+    """O1-Pruner with the paper's L̄_ref, Ā_ref: sampled from the reference policy for each step's prompts."""
+    return any(t.name == "o1_pruner" and not (t.config and t.config.ref_from_group) for t in terms)
 
 
 def uses_lead(terms) -> bool:
@@ -100,7 +116,7 @@ def rl_config(cfg, stop_id: int) -> RLConfig:
     loss_kwargs = as_dict(cfg.get("loss_kwargs", {}))
     adv_kwargs = as_dict(cfg.get("advantage_kwargs", {}))
     advantage = str(cfg.advantage)
-    if uses_lead(parse_reward_spec(cfg.reward)):
+    if uses_lead(_reward_terms(cfg)):
         if advantage not in ("group_normalized", "lead"):
             raise ValueError(f"config.reward={cfg.reward!r} trains with LEAD's two-stream advantage, but "
                              f"config.advantage={advantage!r}; leave it at 'group_normalized' or set 'lead'")
@@ -170,6 +186,24 @@ def _init_params(cfg, run_dir: Path, model, progress: bool):
     return sft_state.params, streams
 
 
+def _budget_fn(budget):
+    """cfg.budget = {min, max, template} (L1/LCPO: the budget n_gold in the prompt; max 0: off) ->
+    add(problems, rng) -> (problems with their budget in the prompt, budgets_B float32 | None)."""
+    lo, hi = (int(budget.get("min", 0)), int(budget.get("max", 0))) if budget else (0, 0)
+    if not hi:
+        return lambda problems, rng: (problems, None)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"config.budget min={lo}, max={hi}: need 1 <= min <= max tokens (max 0 turns it off)")
+    template = str(budget.get("template", "Think for {n} tokens. {prompt}"))
+
+    def add(problems, rng):
+        n_B = rng.integers(lo, hi + 1, size=len(problems))
+        return ([replace(p, prompt=template.format(n=int(n), prompt=p.prompt))
+                 for p, n in zip(problems, n_B, strict=True)], n_B.astype(np.float32))
+
+    return add
+
+
 def _initial_state(model, optimizer, params, seed: int) -> TrainState:
     state = TrainState.create(model, optimizer, jax.random.PRNGKey(seed))
     if params is None:
@@ -204,18 +238,21 @@ def _decode(tok, tokens_BRT, lengths_BR) -> list[list[str]]:
     return out
 
 
-def make_reward_fn(task, tok, problems, terms, log: list):
+def make_reward_fn(task, tok, problems, terms, log: list, *, budgets_B=None, reference=None):
     """reward_fn(gen) -> rewards_BR: the task's verifier scores, then Σ weight·reward over `terms`. Appends
     (scores_BR, {label: reward_BR}) to `log` for the per-reward metrics. With a `lead` term it returns LEAD's two
     streams (correctness_BR, efficiency_BR): the other terms' sum (the verifier's correctness when there are none)
-    and the lead term(s)."""
+    and the lead term(s). budgets_B: the prompts' token budgets (L1). reference() -> (ref_lengths_B,
+    ref_accuracy_B): O1-Pruner's reference statistics of these prompts."""
     lead = uses_lead(terms)
     if lead and all(t.name == "lead" for t in terms):
         terms = (rw.RewardTerm("correctness"), *terms)
 
     def reward_fn(gen):
         scores = rw.score_completions(task, problems, _decode(tok, gen.tokens_BRT, gen.lengths_BR), on_error="nan")
-        inputs = rw.make_reward_inputs(scores, gen.tokens_BRT, gen.lengths_BR,
+        ref_lengths_B, ref_accuracy_B = reference() if reference is not None else (None, None)
+        inputs = rw.make_reward_inputs(scores, gen.tokens_BRT, gen.lengths_BR, budgets_B=budgets_B,
+                                       ref_lengths_B=ref_lengths_B, ref_accuracy_B=ref_accuracy_B,
                                        think_ids=(tok.think_id, tok.end_think_id))
         total, parts = rw.compute_rewards(inputs, terms)
         log.append((scores, {k: np.asarray(v) for k, v in parts.items()}))
@@ -255,13 +292,16 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
     total = int(tc.steps)
     tok, task, model_cfg, model, opt_cfg, optimizer = run_setup(cfg)
     rl_cfg = rl_config(cfg, tok.eos_id)
-    terms = parse_reward_spec(cfg.reward)
+    terms = _reward_terms(cfg)
     B, rounds = int(cfg.rl.batch_size), rl_cfg.dynamic_rounds
     data_seed = int(cfg.seed) + DATA_SEED_OFFSET
+    add_budgets = _budget_fn(cfg.get("budget"))
 
     def step_problems(step: int):
-        """All the prompts step `step` may use: B per generation round, from (data_seed, step) alone."""
-        return task.sample(step_rng(data_seed, step), B * rounds)
+        """All the prompts step `step` may use: B per generation round, from (data_seed, step) alone; with
+        cfg.budget, each with its token budget (None otherwise)."""
+        problems = task.sample(step_rng(data_seed, step), B * rounds)
+        return add_budgets(problems, np.random.default_rng([data_seed, step, 1]))
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(
@@ -270,8 +310,8 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
         restored = ckpt.restore_latest(abstract)
         sft_streams_path = run_dir / "sft_streams.json"
         lead = rl_cfg.advantage == "lead"
-        ref_ckpt = stack.enter_context(Checkpointer(run_dir / "reference", every=1, keep=1)) if _beta(
-            rl_cfg) > 0 else None
+        ref_ckpt = stack.enter_context(Checkpointer(run_dir / "reference", every=1, keep=1)) if (
+            _beta(rl_cfg) > 0 or needs_reference_stats(terms)) else None
         if restored is None:
             params, sft_streams = _init_params(cfg, run_dir, model, progress)
             sft_streams_path.write_text(json.dumps(sft_streams))
@@ -297,7 +337,10 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
         eval_problems = []
         if n_eval > 0:  # unseen in SFT and in every RL step's prompts
             streams = [tuple(s) for s in sft_streams] + [(B * rounds, data_seed, total + 1)]
-            eval_problems = _held_out(task, streams, n_eval, int(ev.seed))
+            eval_problems, eval_budgets = add_budgets(_held_out(task, streams, n_eval, int(ev.seed)),
+                                                      np.random.default_rng([int(ev.seed), 1]))
+            if eval_budgets is not None:  # evaluate scores the answers; the budgets only shape the prompts
+                logging.info("held-out prompts carry budgets of mean %.1f tokens", float(eval_budgets.mean()))
         run_eval = lambda params: evaluate(model, params, task, tok, eval_problems,  # noqa: E731
                                            int(ev.max_new_tokens), int(ev.batch_size))
         writer = stack.enter_context(MetricsWriter(run_dir, resume_step=start))
@@ -308,13 +351,29 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
         end = total if stop_at is None else min(stop_at, total)
         bar = stack.enter_context(tqdm(total=total, initial=start, desc="rl", disable=not progress,
                                        dynamic_ncols=True))
+        def reference_stats(prompts, chunk, key):
+            """O1-Pruner's L̄_ref, Ā_ref: G samples per prompt from π_ref (mean token length, mean score)."""
+            gen = generate(model, ref_params, prompts, max_new_tokens=rl_cfg.max_new_tokens,
+                           sampler=Sampler(rl_cfg.temperature), rng=key, num_samples=rl_cfg.group_size,
+                           stop_tokens=rl_cfg.stop_tokens)
+            scores = rw.score_completions(task, chunk, _decode(tok, gen.tokens_BRT, gen.lengths_BR), on_error="nan")
+            with np.errstate(all="ignore"):  # a prompt whose samples are all unscorable: NaN accuracy
+                return np.asarray(gen.lengths_BR, np.float32).mean(1), np.nanmean(scores, 1)
+
+        ref_key = jax.random.PRNGKey(int(cfg.seed) + REFERENCE_SEED_OFFSET)
         for step in range(start + 1, end + 1):
-            problems = step_problems(step)
+            problems, budgets = step_problems(step)
             log: list = []
 
-            def group(r: int, problems=problems, log=log):
+            def group(r: int, problems=problems, budgets=budgets, log=log, step=step):
                 chunk = problems[r * B:(r + 1) * B]
-                return prompt_batch(tok, chunk), make_reward_fn(task, tok, chunk, terms, log)
+                prompts = prompt_batch(tok, chunk)
+                reference = None
+                if needs_reference_stats(terms):
+                    key = jax.random.fold_in(ref_key, step * rounds + r)
+                    reference = functools.partial(reference_stats, prompts, chunk, key)
+                return prompts, make_reward_fn(task, tok, chunk, terms, log, reference=reference,
+                                               budgets_B=None if budgets is None else budgets[r * B:(r + 1) * B])
 
             prompts, reward_fn = group(0)
             step_fn = train_step if batch_hook is None else (

@@ -173,3 +173,49 @@ def test_config_turns_on_tree_rollouts_and_micro_batches():
     got = rl_config(cfg, 2)
     assert (got.tree.segment_len, got.tree.branching, got.tree.max_new_tokens) == (3, (1, 2, 2), 12)
     assert got.micro_batches == 2 and got.advantage == "treepo"
+
+
+def test_l1_budgets_in_the_prompt_and_o1_pruner_reference_stats(tmp_path):
+    """L1: each prompt carries its budget and the reward sees the same n_gold; O1-Pruner: L̄_ref, Ā_ref come from
+    π_ref's own samples of the step's prompts (a frozen start policy, checkpointed, so resume stays exact)."""
+    from lmx.train import rewards as rw
+    from lmx.train.rl_train import _budget_fn
+
+    add = _budget_fn({"min": 5, "max": 9, "template": "[{n}]{prompt}"})
+    problems = get_task_problems()
+    got, n_B = add(problems, np.random.default_rng(0))
+    assert [p.prompt for p in got] == [f"[{int(n)}]{p.prompt}" for p, n in zip(problems, n_B, strict=True)]
+    assert ((5 <= n_B) & (n_B <= 9)).all() and [p.answer for p in got] == [p.answer for p in problems]
+    with pytest.raises(ValueError, match=r"min=0, max=3"):
+        _budget_fn({"min": 0, "max": 3})
+
+    seen = []
+    real = rw.make_reward_inputs
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    cfg = tiny_rl_config(steps=2)
+    cfg.reward = "l1_max+o1_pruner"
+    cfg.reward_kwargs = {"o1_pruner": {"normalize": "none"}}
+    cfg.budget = {"min": 4, "max": 8, "template": "[{n}]{prompt}"}
+    cfg.eval.num_problems = 0
+    rw.make_reward_inputs = spy
+    try:
+        run = train_rl(cfg, tmp_path, progress=False)
+    finally:
+        rw.make_reward_inputs = real
+    assert Checkpointer(tmp_path / "reference").all_steps() == [0]
+    kw = seen[0]
+    assert kw["budgets_B"].shape == (4,) and ((4 <= kw["budgets_B"]) & (kw["budgets_B"] <= 8)).all()
+    assert kw["ref_lengths_B"].shape == (4,) and (kw["ref_lengths_B"] >= 1).all()
+    assert all("reward/l1_max_mean" in r and "reward/o1_pruner_mean" in r for r in run.history)
+    with pytest.raises(ValueError, match=r"reward_kwargs names \['kimi_length'\]"):
+        parse_reward_spec("correctness", {"kimi_length": {"length": "think"}})
+
+
+def get_task_problems():
+    from lmx.data.tasks import Arithmetic
+
+    return Arithmetic().sample(np.random.default_rng(1), 6)
