@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ssm_decode
 	$(BIN)/python -m benchmarks.compile_depth
 	$(BIN)/python -m benchmarks.speculative
+	$(BIN)/python -m benchmarks.rl
 
 lint: $(STAMP)
 	$(BIN)/ruff check lmx tests experiments benchmarks

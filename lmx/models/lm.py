@@ -140,7 +140,8 @@ class LM(nn.Module):
     def __call__(self, tokens_BT, positions_BT=None, state: DecodeState | None = None, segment_ids_BT=None,
                  logits_at_B=None):
         """logits_at_B: optional int [B], one index into T per row; only those positions' logits are computed
-        (logits_BTV has T = 1): a prefill needs only each prompt's last position."""
+        (logits_BTV has T = 1): a prefill needs only each prompt's last position. An int [B, K] computes K
+        positions per row (logits_BTV has T = K): RL scores only the completion positions."""
         cfg = self.cfg
         if state is not None and segment_ids_BT is not None:
             raise ValueError("segment_ids_BT (packed sequences) is for teacher-forced calls, not with a decode state")
@@ -183,15 +184,17 @@ class LM(nn.Module):
 def _check_logits_at(logits_at_B, B: int, T: int):
     if logits_at_B is not None and not isinstance(logits_at_B, jax.core.Tracer):
         at = np.asarray(logits_at_B)
-        if at.shape != (B,) or at.min() < 0 or at.max() >= T:
-            raise ValueError(f"logits_at_B={at.tolist()} must hold one index in [0, {T}) per row ({B} rows)")
+        if at.ndim not in (1, 2) or at.shape[0] != B or at.size == 0 or at.min() < 0 or at.max() >= T:
+            raise ValueError(f"logits_at_B={at.tolist()} must hold indices in [0, {T}), one ([B]) or K ([B, K]) "
+                             f"per row ({B} rows)")
 
 
 def _rows_at(h_BTD, logits_at_B):
     if logits_at_B is None:
         return h_BTD
-    at_B11 = jnp.asarray(logits_at_B, jnp.int32).reshape(-1, 1, 1)
-    return jnp.take_along_axis(h_BTD, at_B11, axis=1)
+    at = jnp.asarray(logits_at_B, jnp.int32)
+    at_BK1 = at.reshape(at.shape[0], -1, 1)
+    return jnp.take_along_axis(h_BTD, at_BK1, axis=1)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -147,13 +147,15 @@ def groups_batch(g: Groups, advantages_BR) -> dict[str, np.ndarray]:
 
 def completion_logprobs(model, params, tokens_XS, prompt_len_X, T: int, temperature: float):
     """log softmax(logits / τ)[token] of each completion token, [X, T] (f32): completion token t of row x sits at
-    position prompt_len + t and is predicted by the logits at the position before it."""
-    logits_XSV = model.apply({"params": params}, tokens_XS).logits_BTV
-    logp_XSV = jax.nn.log_softmax(logits_XSV.astype(jnp.float32) / temperature, axis=-1)
+    position prompt_len + t and is predicted by the logits at the position before it. The LM head runs only at
+    those T positions (not the prompt's), and the log-prob is z[token] − logsumexp(z): no [X, T, V] log-softmax
+    is stored, and the token's logit is a one-hot reduction (its gradient a broadcast, not a scatter)."""
     pos_XT = jnp.clip(prompt_len_X[:, None] - 1 + jnp.arange(T)[None], 0, tokens_XS.shape[1] - 2)
     target_XT = jnp.take_along_axis(tokens_XS, pos_XT + 1, axis=1)
-    logp_XTV = jnp.take_along_axis(logp_XSV, pos_XT[..., None], axis=1)
-    return jnp.take_along_axis(logp_XTV, target_XT[..., None], axis=-1)[..., 0]
+    z_XTV = model.apply({"params": params}, tokens_XS, logits_at_B=pos_XT).logits_BTV.astype(jnp.float32)
+    z_XTV = z_XTV / temperature
+    picked_XT = jnp.sum(z_XTV * jax.nn.one_hot(target_XT, z_XTV.shape[-1], dtype=z_XTV.dtype), axis=-1)
+    return picked_XT - jax.nn.logsumexp(z_XTV, axis=-1)
 
 
 def make_policy_loss(cfg: RLConfig) -> Callable:

@@ -217,8 +217,12 @@ def test_logits_at_one_position_per_row():
     out = model.apply({"params": params}, tokens_BT, state=init_state(cfg, 3, 8), logits_at_B=at_B)
     assert out.logits_BTV.shape == (3, 1, 128) and out.state.lengths_B.tolist() == [7] * 3
     np.testing.assert_allclose(out.logits_BTV[:, 0], full_BTV[jnp.arange(3), at_B], atol=1e-5)
-    with pytest.raises(ValueError, match=r"logits_at_B=\[7, 0, 3\] must hold one index in \[0, 7\) per row"):
+    with pytest.raises(ValueError, match=r"logits_at_B=\[7, 0, 3\] must hold indices in \[0, 7\)"):
         model.apply({"params": params}, tokens_BT, logits_at_B=jnp.asarray([7, 0, 3]))
+    at_BK = jnp.asarray([[6, 1], [0, 0], [3, 5]])  # K = 2 positions per row (RL scores completion positions)
+    out = model.apply({"params": params}, tokens_BT, logits_at_B=at_BK)
+    assert out.logits_BTV.shape == (3, 2, 128)
+    np.testing.assert_allclose(out.logits_BTV, full_BTV[jnp.arange(3)[:, None], at_BK], atol=1e-5)
 
 
 def test_token_ids_outside_vocab():
