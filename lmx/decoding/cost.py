@@ -12,9 +12,19 @@ Formulas (forward pass only, one multiply-add = 2 FLOPs):
 - SSM state bytes per row (constant in the sequence length; lmx.models.state documents the layouts), per layer:
   Mamba-2: (W − 1 + R_w)·Y·bytes(cfg.dtype) conv ring + (R_w + 1)·N·H·Z·4 state ring (W conv taps, Y = N·H + 2·U·Z);
   Mamba-3: (R_w + 1)·(N·H·Z + N·A + M·N·Z + N·H)·4 (state, angles, rotated B, x; A angles, M MIMO rank).
+
+Bytes moved (the memory side of Kinetics' eFLOPs, ALGORITHMS §5), counted as lmx's loops run:
+- every model call reads the weights once (`weight_bytes`: all parameters at param_dtype), whatever its batch;
+- each row reads, per position it processes, the KV entries it attends to (the same key counts as the attention
+  FLOPs: its own rows' copies, since `repeat` gives every sample its own prompt cache) and its SSM state once
+  (`state_bytes_read`). Activations, logits and writes are not counted.
+eFLOPs = FLOPs + I·bytes, I = the chip's peak FLOP/s ÷ memory bytes/s (`INTENSITY`; Kinetics, arXiv 2506.05333).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +113,61 @@ def ssm_state_bytes_per_row(cfg: ModelConfig, rollback_window: int | None = None
         conv = (s.conv_width - 1 + R_w) * s.conv_dim * jnp.dtype(cfg.dtype).itemsize
         per_layer = conv + Q * N * H * Z * 4
     return cfg.num_ssm_layers * per_layer
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    """Bytes of all parameters at cfg.param_dtype: what each model call reads once."""
+    return param_count(cfg) * jnp.dtype(cfg.param_dtype).itemsize
+
+
+def state_bytes_read(cfg: ModelConfig, start, stop, rollback_window: int | None = 0):
+    """Decode-state bytes one row reads to process positions [start, stop): the KV entries each position attends
+    to (sliding window respected) plus its SSM state (rings included, sized by `rollback_window`) once per
+    position. Elementwise over arrays."""
+    keys = _keys_before(cfg, stop) - _keys_before(cfg, start)
+    n_tokens = jnp.asarray(stop, jnp.float32) - jnp.asarray(start, jnp.float32)
+    return kv_bytes_per_token(cfg) * keys + ssm_state_bytes_per_row(cfg, rollback_window) * n_tokens
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A chip's peak dense FLOP/s and memory bandwidth (vendor spec sheets); intensity I = their ratio."""
+
+    name: str
+    flops_per_s: float
+    bytes_per_s: float
+
+    @property
+    def intensity(self) -> float:
+        return self.flops_per_s / self.bytes_per_s
+
+
+# bf16 dense peaks and HBM bandwidths from the vendors' data sheets (TPU: per chip).
+HARDWARE = {h.name: h for h in (
+    Hardware("h100-sxm", 989e12, 3.35e12), Hardware("h200", 989e12, 4.8e12), Hardware("b200", 2250e12, 8e12),
+    Hardware("a100-80gb", 312e12, 2.039e12), Hardware("tpu-v5e", 197e12, 819e9), Hardware("tpu-v5p", 459e12, 2.765e12),
+)}
+INTENSITY = {name: h.intensity for name, h in HARDWARE.items()}
+
+
+def intensity_of(hardware: str | float) -> float:
+    """I for a preset name (`HARDWARE`) or a number (FLOPs per byte)."""
+    if isinstance(hardware, str):
+        if hardware not in HARDWARE:
+            raise ValueError(f"unknown hardware {hardware!r}; presets: {sorted(HARDWARE)} (or pass I as a number)")
+        return HARDWARE[hardware].intensity
+    if not float(hardware) >= 0:
+        raise ValueError(f"arithmetic intensity I={hardware!r} must be >= 0 FLOPs per byte")
+    return float(hardware)
+
+
+def eflops(stats, hardware: str | float = "h100-sxm") -> float:
+    """Kinetics eFLOPs of a result's stats: flops + I·bytes_moved."""
+    return float(stats["flops"]) + intensity_of(hardware) * float(stats["bytes_moved"])
+
+
+def cost_of_pass(cost: float, accuracy: float) -> float:
+    """Expected cost of one correct answer: cost / accuracy (inf when nothing is solved)."""
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy={accuracy!r} must lie in [0, 1]")
+    return math.inf if accuracy == 0 else float(cost) / accuracy

@@ -80,3 +80,29 @@ def test_generation_stats_count_ssm_state(tiny):
     assert float(g.stats["ssm_state_bytes"]) == rows * cfg.num_ssm_layers * per_layer
     assert float(g.stats["kv_bytes"]) == rows * (16 + 4) * cost.kv_bytes_per_token(cfg)
     assert float(g.stats["state_bytes"]) == float(g.stats["kv_bytes"]) + float(g.stats["ssm_state_bytes"])
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "swa-tiny", "hybrid-tiny"])
+def test_bytes_moved_by_hand(name):
+    cfg = lm.preset(name)
+    a = cfg.attention
+    assert cost.weight_bytes(cfg) == cost.param_count(cfg) * np.dtype(cfg.param_dtype).itemsize
+    kv_entry = 2 * a.num_kv_heads * a.head_dim * np.dtype(cfg.dtype).itemsize  # k and v of one key, one layer
+    for start, stop in [(0, 1), (0, 7), (5, 19)]:
+        keys = sum(min(p + 1, a.sliding_window or p + 1) for p in range(start, stop))  # attended, own key included
+        ssm = cost.ssm_state_bytes_per_row(cfg, 0) * (stop - start)
+        want = cfg.num_attn_layers * kv_entry * keys + ssm
+        np.testing.assert_allclose(float(cost.state_bytes_read(cfg, start, stop)), want, rtol=1e-6)
+
+
+def test_eflops_intensity_and_cost_of_pass():
+    h100 = cost.HARDWARE["h100-sxm"]
+    assert abs(cost.intensity_of("h100-sxm") - 989e12 / 3.35e12) < 1e-9 and abs(h100.intensity - 295.2) < 0.1
+    stats = {"flops": 1e9, "bytes_moved": 2e6}
+    assert cost.eflops(stats, 100.0) == 1e9 + 100.0 * 2e6
+    assert cost.eflops(stats, "h200") == 1e9 + 989e12 / 4.8e12 * 2e6
+    assert cost.cost_of_pass(10.0, 0.5) == 20.0 and cost.cost_of_pass(10.0, 0.0) == float("inf")
+    with pytest.raises(ValueError, match=r"unknown hardware 'h1000'"):
+        cost.eflops(stats, "h1000")
+    with pytest.raises(ValueError, match=r"accuracy=1.5"):
+        cost.cost_of_pass(1.0, 1.5)
