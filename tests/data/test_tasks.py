@@ -97,6 +97,28 @@ def test_cot_length_follows_option():
     assert lengths["full"] > 2 * lengths["short"] > 0 and lengths["none"] == 0
 
 
+@pytest.mark.parametrize("short_frac", [0.25, 0.7])
+def test_mixed_cot_samples_both_forms_for_the_same_answers(short_frac):
+    task = Arithmetic(num_digits=(2, 3), ops=("+", "-"), cot="mixed", short_frac=short_frac)
+    ps = task.sample(np.random.default_rng(0), 400)
+    forms = [p.meta["cot_form"] for p in ps]
+    assert set(forms) == {"full", "short"}
+    assert abs(forms.count("short") / len(ps) - short_frac) < 0.07  # binomial sd ≈ 0.023
+    full, short = Arithmetic(ops=("+", "-"), cot="full"), Arithmetic(ops=("+", "-"), cot="short")
+    for p in ps:
+        a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
+        assert p.cot == (short if p.meta["cot_form"] == "short" else full).make(a, b, op).cot
+        assert task.score(p, format_target(p)) == 1.0
+    # the same seed gives the same problems and forms; make() stays deterministic (the full form)
+    assert task.sample(np.random.default_rng(0), 400) == ps
+    assert task.make(347, 285, "+").cot == "7+5+0=12;4+8+1=13;3+2+1=06"
+    assert task.make(347, 285, "+", form="short").cot == "12;13;06"
+    with pytest.raises(ValueError, match="short_frac"):
+        Arithmetic(cot="full", short_frac=0.3)
+    with pytest.raises(ValueError, match="short_frac"):
+        Arithmetic(cot="mixed", short_frac=1.5)
+
+
 # --------------------------------------------------------------------------------------- countdown
 def test_countdown_parser():
     assert evaluate("2+3*4") == (14, [2, 3, 4])
