@@ -1,11 +1,29 @@
-"""Decoding: samplers, the jitted generate loop, speculative decoding, and compute accounting."""
+"""Decoding: samplers, the jitted generate loop, speculative decoding, test-time scaling, and compute accounting."""
 
 from lmx.decoding.generate import AllFinished, Generation, MOfRFinished, generate
 from lmx.decoding.sampling import Greedy, Sampler, process_logits, sample, token_logprobs
+from lmx.decoding.scaling import (
+    METHODS,
+    ScalingResult,
+    WeibullMixture,
+    best_of_majority,
+    best_of_n,
+    first_finish,
+    fit_weibull_mixture,
+    majority_vote,
+    rpc,
+    run_method,
+    short_m_at_k,
+    verifier_scorer,
+    weighted_majority,
+)
 from lmx.decoding.speculative import SelfDraft, speculative_generate
 
 __all__ = [
     "AllFinished", "Generation", "MOfRFinished", "generate",
     "Greedy", "Sampler", "process_logits", "sample", "token_logprobs",
+    "METHODS", "ScalingResult", "WeibullMixture", "best_of_majority", "best_of_n", "first_finish",
+    "fit_weibull_mixture", "majority_vote", "rpc", "run_method", "short_m_at_k", "verifier_scorer",
+    "weighted_majority",
     "SelfDraft", "speculative_generate",
 ]
