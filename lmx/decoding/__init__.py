@@ -1,5 +1,6 @@
 """Decoding: samplers, the jitted generate loop, speculative decoding, test-time scaling, and compute accounting."""
 
+from lmx.decoding.budget import BudgetForcing, no_thinking_prompts
 from lmx.decoding.generate import AllFinished, Generation, MOfRFinished, generate
 from lmx.decoding.sampling import Greedy, Sampler, process_logits, sample, token_logprobs
 from lmx.decoding.scaling import (
@@ -26,4 +27,5 @@ __all__ = [
     "fit_weibull_mixture", "majority_vote", "rpc", "run_method", "short_m_at_k", "verifier_scorer",
     "weighted_majority",
     "SelfDraft", "speculative_generate",
+    "BudgetForcing", "no_thinking_prompts",
 ]

@@ -8,6 +8,8 @@ It is assembled from pieces that every other decoding loop (speculative decoding
 - `Record` with `append`: each row's generated tokens and log-probs, written at the row's own length, a stop
   token ending the row, the max_new_tokens budget respected;
 - stop predicates (`AllFinished`, `MOfRFinished`) and `keep_going`;
+- an optional `forcing` policy (`Forcing`), the one hook that steers the sampled tokens (budget forcing,
+  lmx.decoding.budget) without a second copy of the loop;
 - `base_stats`: the stats every algorithm reports (listed on `Generation`).
 Inside the program the B prompts × R samples are flattened into X = B·R rows, row b·R + r (the order of
 `lmx.models.repeat`).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -106,6 +109,28 @@ class Record:
         logprobs_XT = self.logprobs_XT.at[rows_XK, pos_XK].set(jnp.where(take_XK, logprobs_XK, 0.0), mode="drop")
         return Record(tokens_XT, logprobs_XT, self.lengths_X + taken_X,
                       self.finished_X | jnp.any(stop_XK & take_XK, axis=1)), taken_X
+
+
+class Forcing(Protocol):
+    """A policy that steers which token each row appends: a frozen dataclass (hashable: a static jit argument,
+    part of the compile-cache key) with its own state pytree, which `generate` threads through the loop carry.
+
+    check(vocab_size, max_new_tokens): host side, before tracing; raise ValueError naming a bad value.
+    init(prompt_XT, prompt_lengths_X) -> state: from each row's right-padded prompt (rows b·R + r).
+    __call__(state, record, logits_XV, draw) -> (state, tokens_X): called once per step, first on the prefill's
+      logits. `record` holds the tokens appended so far (this step's not yet); `draw(logits_XV) -> tokens_X` is
+      the sampler with this step's key, so a policy may mask logits before drawing, replace the drawn token
+      (force), or both. `tokens_X` is appended as if sampled, on the rows `record.alive()` (the others take
+      none). Its log-prob is recorded from the unmasked logits (`token_logprobs`), forced or not: the model's
+      own log-prob, what a teacher-forced forward recomputes, so RL ratios compare against the model, not the
+      policy (a forced token may be very unlikely under it).
+    """
+
+    def check(self, vocab_size: int, max_new_tokens: int) -> None: ...
+
+    def init(self, prompt_XT: jax.Array, prompt_lengths_X: jax.Array) -> Any: ...
+
+    def __call__(self, state, record: Record, logits_XV: jax.Array, draw) -> tuple[Any, jax.Array]: ...
 
 
 def keep_going(record: Record, stop_when, B: int) -> jax.Array:
@@ -253,7 +278,7 @@ def generate(
     sampler: Greedy | Sampler = Greedy(),  # noqa: B008 (frozen dataclasses: immutable defaults)
     stop_tokens=(), rng=None, num_samples: int = 1,
     stop_when=AllFinished(),  # noqa: B008
-    max_len: int | None = None, pad_id: int = 0,
+    max_len: int | None = None, pad_id: int = 0, forcing: Forcing | None = None,
 ) -> Generation:
     """Sample `num_samples` continuations of each prompt, up to `max_new_tokens` tokens each.
 
@@ -266,30 +291,50 @@ def generate(
       MOfRFinished(m)); decoding also stops after max_new_tokens.
     max_len: KV-cache positions; default the bucketed prompt length + max_new_tokens (capped at the model's
       max_seq_len).
+    forcing: None, or a `Forcing` policy that may mask or replace each step's token (e.g.
+      lmx.decoding.budget.BudgetForcing); None runs exactly the unforced program.
 
     One jit call; compilations are cached on (model, sampler, stop tokens, num_samples, stop_when,
-    max_new_tokens, max_len, pad_id) and the padded shapes. The params are split per layer once per params
-    object (lmx.models.decode_params), not per call.
+    max_new_tokens, max_len, pad_id, forcing) and the padded shapes. The params are split per layer once per
+    params object (lmx.models.decode_params), not per call.
     """
     p = prepare(model.cfg, prompts, max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens,
                 rng=rng, num_samples=num_samples, stop_when=stop_when, max_len=max_len, pad_id=pad_id)
-    fn = _compiled(model, sampler, p.stop_tokens, p.num_samples, stop_when, p.max_new_tokens, p.max_len, p.pad_id)
+    if forcing is not None:
+        _check_forcing(forcing, model.cfg.vocab_size, p.max_new_tokens)
+    fn = _compiled(model, sampler, p.stop_tokens, p.num_samples, stop_when, p.max_new_tokens, p.max_len, p.pad_id,
+                   forcing)
     return fn(decode_params(model, params), p.tokens_BT, p.lengths_B, jax.random.key(0) if rng is None else rng)
+
+
+def _check_forcing(forcing, vocab_size: int, max_new_tokens: int):
+    if not all(callable(getattr(forcing, name, None)) for name in ("check", "init", "__call__")):
+        raise TypeError(f"forcing must be a Forcing policy (check, init, __call__), got {forcing!r:.80}")
+    try:
+        hash(forcing)
+    except TypeError:
+        raise TypeError(f"forcing must be hashable (a frozen dataclass; it keys the compile cache), got "
+                        f"{forcing!r:.80}") from None
+    forcing.check(vocab_size, max_new_tokens)
 
 
 _trace_count = 0  # bumped each time the program is traced; tests use it to prove there is no recompilation
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_tokens, max_len, pad_id):
+def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_tokens, max_len, pad_id, forcing=None):
     cfg, R = model.cfg, num_samples
     stop_S = np.array(stop_tokens, np.int32)
 
-    def sample_into(record: Record, logits_XV, key):
-        tok_X = sample(sampler, logits_XV, key)
-        logprob_X = token_logprobs(sampler, logits_XV, tok_X)
+    def sample_into(record: Record, logits_XV, key, policy_state):
+        draw = functools.partial(sample, sampler, rng=key)
+        if forcing is None:
+            tok_X = draw(logits_XV)
+        else:
+            policy_state, tok_X = forcing(policy_state, record, logits_XV, draw)
+        logprob_X = token_logprobs(sampler, logits_XV, tok_X)  # the model's, unmasked (see Forcing)
         record, _ = record.append(tok_X[:, None], logprob_X[:, None], jnp.ones_like(tok_X), stop_S, pad_id)
-        return record, tok_X
+        return record, tok_X, policy_state
 
     def run(params, tokens_BT, lengths_B, rng) -> Generation:
         global _trace_count
@@ -300,18 +345,24 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         # prefill, so each SSM layer keeps one state slot, updated in place every step.
         logits_BV, state = prefill(model, params, tokens_BT, lengths_B, init_state(cfg, B, max_len,
                                                                                   rollback_window=0))
-        record, last_X = sample_into(Record.empty(X, max_new_tokens, pad_id), jnp.repeat(logits_BV, R, axis=0),
-                                     jax.random.fold_in(rng, 0))
+        # The forcing policy's state rides in the carry; () (no leaves) without one, so that program is unchanged.
+        policy_state = () if forcing is None else forcing.init(jnp.repeat(tokens_BT, R, axis=0),
+                                                               jnp.repeat(lengths_B, R))
+        record, last_X, policy_state = sample_into(Record.empty(X, max_new_tokens, pad_id),
+                                                   jnp.repeat(logits_BV, R, axis=0), jax.random.fold_in(rng, 0),
+                                                   policy_state)
 
         def body(carry):
-            step, state, last_X, record = carry
+            step, state, last_X, record, policy_state = carry
             # Finished rows are fed too (static shapes); `append` ignores what they sample.
             logits_XV, state = decode_step(model, params, last_X, state)
-            record, last_X = sample_into(record, logits_XV, jax.random.fold_in(rng, step))
-            return step + 1, state, last_X, record
+            record, last_X, policy_state = sample_into(record, logits_XV, jax.random.fold_in(rng, step),
+                                                       policy_state)
+            return step + 1, state, last_X, record, policy_state
 
         cond = lambda carry: keep_going(carry[3], stop_when, B)
-        step, state, _, record = jax.lax.while_loop(cond, body, (jnp.int32(1), repeat(state, R), last_X, record))
+        step, state, _, record, _ = jax.lax.while_loop(
+            cond, body, (jnp.int32(1), repeat(state, R), last_X, record, policy_state))
 
         prompt_len_X = jnp.repeat(lengths_B, R)
         flops = (jnp.sum(cost.forward_flops(cfg, 0, lengths_B))
