@@ -69,7 +69,9 @@ class Generation:
     # excludes padding and the masked work on finished rows), flops_per_token = flops / tokens_generated;
     # kv_bytes: bytes of the KV cache allocated for all B·R rows; ssm_state_bytes: the SSM layers' state for all
     # rows (constant in length; its rings as the algorithm sized them); state_bytes: their sum (lmx.decoding.cost);
-    # overflow: rows whose state ran out of positions (0 unless max_len was too small; their tokens are garbage).
+    # overflow: rows whose state ran out of positions (0 unless max_len was too small; their tokens are garbage);
+    # weight_bytes_read, state_bytes_read, bytes_moved: the memory traffic of lmx.decoding.cost (eFLOPs = flops +
+    # I·bytes_moved: cost.eflops).
     stats: dict[str, jax.Array]
 
 
@@ -151,8 +153,10 @@ def decode_step(model, params: DecodeParams, tokens_X, state: DecodeState):
 
 
 def base_stats(cfg, lengths_B, R: int, record: Record, *, model_calls, decode_steps, flops, max_len: int,
-               rollback_window: int, overflow_X) -> dict[str, jax.Array]:
-    """The stats every decoding algorithm reports (see Generation)."""
+               rollback_window: int, overflow_X, state_read=None) -> dict[str, jax.Array]:
+    """The stats every decoding algorithm reports (see Generation). state_read: the decode-state bytes the
+    positions the loop processed read (lmx.decoding.cost.state_bytes_read summed like the flops); with it the
+    stats carry weight_bytes_read (each model call reads the weights once), state_bytes_read and bytes_moved."""
     X = lengths_B.shape[0] * R
     tokens_generated = jnp.sum(record.lengths_X)
     kv_bytes = X * max_len * cost.kv_bytes_per_token(cfg)
@@ -168,7 +172,14 @@ def base_stats(cfg, lengths_B, R: int, record: Record, *, model_calls, decode_st
         "ssm_state_bytes": jnp.float32(ssm_bytes),
         "state_bytes": jnp.float32(kv_bytes + ssm_bytes),
         "overflow": jnp.sum(overflow_X, dtype=jnp.int32),
-    }
+    } | ({} if state_read is None else bytes_stats(cfg, model_calls, state_read))
+
+
+def bytes_stats(cfg, model_calls, state_read) -> dict[str, jax.Array]:
+    """weight_bytes_read (model_calls · the weights), state_bytes_read, bytes_moved (their sum), float32."""
+    weights = jnp.float32(cost.weight_bytes(cfg)) * jnp.asarray(model_calls, jnp.float32)
+    state_read = jnp.asarray(state_read, jnp.float32)
+    return {"weight_bytes_read": weights, "state_bytes_read": state_read, "bytes_moved": weights + state_read}
 
 
 def to_generation(record: Record, B: int, stats) -> Generation:
@@ -365,10 +376,12 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
             cond, body, (jnp.int32(1), repeat(state, R), last_X, record, policy_state))
 
         prompt_len_X = jnp.repeat(lengths_B, R)
-        flops = (jnp.sum(cost.forward_flops(cfg, 0, lengths_B))
-                 + jnp.sum(cost.forward_flops(cfg, prompt_len_X, prompt_len_X + record.lengths_X - 1)))
+        end_X = prompt_len_X + record.lengths_X - 1
+        flops = jnp.sum(cost.forward_flops(cfg, 0, lengths_B)) + jnp.sum(cost.forward_flops(cfg, prompt_len_X, end_X))
+        read = (jnp.sum(cost.state_bytes_read(cfg, 0, lengths_B))
+                + jnp.sum(cost.state_bytes_read(cfg, prompt_len_X, end_X)))
         stats = base_stats(cfg, lengths_B, R, record, model_calls=step, decode_steps=step - 1, flops=flops,
-                           max_len=max_len, rollback_window=0, overflow_X=state.overflow_B)
+                           max_len=max_len, rollback_window=0, overflow_X=state.overflow_B, state_read=read)
         return to_generation(record, B, stats)
 
     return jax.jit(run)

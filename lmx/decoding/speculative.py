@@ -141,6 +141,9 @@ def _compiled(target, draft, gamma, adaptive, sampler, stop_tokens, num_samples,
     self_draft = isinstance(draft, SelfDraft)
     E = draft.num_layers if self_draft else None
     dcfg = cfg.replace(num_layers=E, layer_pattern=cfg.layer_pattern[:E]) if self_draft else draft.cfg
+    # SSM rings as allocated: a self-draft's target keeps cfg's rollback window, a separate target none (its draft
+    # keeps its config's: None).
+    window, dwindow = (cfg.ssm.rollback_window if self_draft and cfg.num_ssm_layers else 0), None
     # Draft cost per token relative to the target's (matmul FLOPs), for the adaptive rule.
     c = cost.matmul_params(dcfg) / cost.matmul_params(cfg)
     head_flops = 2.0 * cfg.vocab_size * cfg.d_model  # per position (the self-draft pays it on top of E layers)
@@ -175,7 +178,7 @@ def _compiled(target, draft, gamma, adaptive, sampler, stop_tokens, num_samples,
         zero_i = jnp.int32(0)
         counts = dict(rounds=zero_i, draft_calls=zero_i, draft_tokens=zero_i, verified_tokens=zero_i,
                       accepted_tokens=zero_i, row_rounds=zero_i, call_tokens=zero_i)
-        flops_X = dict(target=jnp.zeros((X,), jnp.float32), draft=jnp.zeros((X,), jnp.float32))
+        flops_X = {k: jnp.zeros((X,), jnp.float32) for k in ("target", "draft", "target_read", "draft_read")}
         carry = (tstate, dstate, first_X, record, jnp.int32(G), jnp.float32(0.5), counts, flops_X,
                  jnp.zeros((X,), bool))
 
@@ -256,9 +259,15 @@ def _compiled(target, draft, gamma, adaptive, sampler, stop_tokens, num_samples,
                 verify_X = verify_X + head_flops * (G + 1)
             else:
                 verify_X = cost.forward_flops(cfg, n_X, n_X + G + 1)
-            flops_X = dict(target=flops_X["target"] + jnp.where(alive_X, verify_X, 0.0),
-                           draft=flops_X["draft"] + jnp.where(alive_X, cost.forward_flops(dcfg, n_X, n_X + g_r + 1),
-                                                              0.0))
+            live_f = lambda a_X: jnp.where(alive_X, a_X, 0.0)  # noqa: E731
+            # State reads: the target's verify call; a separate draft's own calls (a self-draft's layers are the
+            # target's, whose reads of those positions are counted once, in the verify call).
+            flops_X = dict(target=flops_X["target"] + live_f(verify_X),
+                           draft=flops_X["draft"] + live_f(cost.forward_flops(dcfg, n_X, n_X + g_r + 1)),
+                           target_read=flops_X["target_read"] + live_f(cost.state_bytes_read(cfg, n_X, n_X + G + 1,
+                                                                                              window)),
+                           draft_read=flops_X["draft_read"] + (0.0 if self_draft else live_f(
+                               cost.state_bytes_read(dcfg, n_X, n_X + g_r + 1, dwindow))))
             if adaptive:
                 a_round = live(k_X) / jnp.maximum(live(verified_X), 1)
                 alpha = jnp.clip(EMA * alpha + (1 - EMA) * a_round, 0.01, 0.99)
@@ -272,10 +281,19 @@ def _compiled(target, draft, gamma, adaptive, sampler, stop_tokens, num_samples,
         target_flops = prompt_flops + jnp.sum(flops_X["target"])
         draft_flops = draft_prefill * jnp.sum(cost.forward_flops(dcfg, 0, lengths_B)) + jnp.sum(flops_X["draft"])
         target_calls = 1 + counts["rounds"]
-        window = cfg.ssm.rollback_window if self_draft and cfg.num_ssm_layers else 0
         stats = base_stats(cfg, lengths_B, R, record, model_calls=target_calls, decode_steps=counts["rounds"],
                            flops=target_flops + draft_flops, max_len=max_len, rollback_window=window,
                            overflow_X=overflow_X)
+        # Bytes: each target call reads the target's weights, each draft call a separate draft's (a self-draft's
+        # layers are the target's own weights, re-read per draft call: its first E layers and the head).
+        prompt_read = jnp.sum(cost.state_bytes_read(cfg, 0, lengths_B, window))
+        if not self_draft:
+            prompt_read += draft_prefill * jnp.sum(cost.state_bytes_read(dcfg, 0, lengths_B, dwindow))
+        draft_weights = cost.weight_bytes(dcfg)  # a self-draft: its E layers, the embedding and the head
+        read = prompt_read + jnp.sum(flops_X["target_read"]) + jnp.sum(flops_X["draft_read"])
+        weights = (jnp.float32(cost.weight_bytes(cfg)) * target_calls
+                   + jnp.float32(draft_weights) * (counts["draft_calls"] + draft_prefill))
+        stats.update(weight_bytes_read=weights, state_bytes_read=read, bytes_moved=weights + read)
         if not self_draft:  # the draft's state is allocated too
             draft_kv = X * max_len * cost.kv_bytes_per_token(dcfg)
             draft_ssm = X * cost.ssm_state_bytes_per_row(dcfg)

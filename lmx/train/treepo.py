@@ -171,6 +171,7 @@ def _compiled(model, sampler, stop_tokens, tree: TreeConfig, max_len: int, pad_i
         ids_Xd, valid_X = jnp.zeros((B * b0, D), jnp.int32), jnp.ones((B * b0,), bool)
         step, calls = jnp.int32(0), jnp.int32(0)  # step: index of the token sampled next (its key)
         rows_tokens, flops, moved = jnp.int32(0), jnp.sum(cost.forward_flops(mcfg, 0, lengths_B)), jnp.int32(0)
+        read = jnp.sum(cost.state_bytes_read(mcfg, 0, lengths_B))
 
         for d, N in enumerate(tree.nodes):
             if d < D:  # sample → decode until every live row holds (d+1)·L tokens; its next logits are then ready
@@ -205,6 +206,7 @@ def _compiled(model, sampler, stop_tokens, tree: TreeConfig, max_len: int, pad_i
             n_X = jnp.maximum(fed_X - d * L, 0)
             rows_tokens += jnp.sum(n_X)
             flops += jnp.sum(cost.forward_flops(mcfg, prompt_X + d * L, prompt_X + d * L + n_X))
+            read += jnp.sum(cost.state_bytes_read(mcfg, prompt_X + d * L, prompt_X + d * L + n_X))
             if d == D:
                 break
 
@@ -220,7 +222,8 @@ def _compiled(model, sampler, stop_tokens, tree: TreeConfig, max_len: int, pad_i
             ids_Xd = ids_Xd.at[:, d].set(parent_BR.reshape(-1))  # depth d+1: the parent, named within its prompt
 
         stats = base_stats(mcfg, lengths_B, tree.num_leaves, record, model_calls=1 + calls, decode_steps=calls,
-                           flops=flops, max_len=max_len, rollback_window=0, overflow_X=state.overflow_B)
+                           flops=flops, max_len=max_len, rollback_window=0, overflow_X=state.overflow_B,
+                           state_read=read)
         stats |= {"decoded_rows_tokens": rows_tokens,
                   "independent_rows_tokens": jnp.sum(jnp.maximum(record.lengths_X - 1, 0)),
                   "tree_leaves": jnp.int32(tree.num_leaves), "reallocated_slots": moved,

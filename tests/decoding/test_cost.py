@@ -106,3 +106,36 @@ def test_eflops_intensity_and_cost_of_pass():
         cost.eflops(stats, "h1000")
     with pytest.raises(ValueError, match=r"accuracy=1.5"):
         cost.cost_of_pass(1.0, 1.5)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "hybrid-tiny"])
+def test_generation_bytes_moved_by_hand(tiny, name):
+    from lmx.decoding import generate
+
+    model, params = tiny(name)
+    cfg = model.cfg
+    prompts = [[5, 9, 17], [3, 1, 4, 1, 5, 9, 2, 6, 53, 58, 97], [42]]
+    g = generate(model, params, prompts, max_new_tokens=8, stop_tokens=(7, 11), num_samples=2,
+                 sampler=lm_sampler(), rng=jax.random.PRNGKey(0))
+    a = cfg.attention
+    kv_key = cfg.num_attn_layers * 2 * a.num_kv_heads * a.head_dim * np.dtype(cfg.dtype).itemsize
+    ssm_row = cost.ssm_state_bytes_per_row(cfg, 0)
+    lengths = np.asarray(g.lengths_BR)
+    read = 0
+    for b, prompt in enumerate(prompts):
+        positions = list(range(len(prompt)))  # the prefill, once per prompt
+        for r in range(2):  # each sample processes its tokens but the last (never fed back)
+            positions += list(range(len(prompt), len(prompt) + lengths[b, r] - 1))
+        read += sum(kv_key * (p + 1) + ssm_row for p in positions)
+    weights = cost.param_count(cfg) * 4 * int(g.stats["model_calls"])
+    assert float(g.stats["weight_bytes_read"]) == weights
+    np.testing.assert_allclose(float(g.stats["state_bytes_read"]), read, rtol=1e-6)
+    np.testing.assert_allclose(float(g.stats["bytes_moved"]), weights + read, rtol=1e-6)
+    np.testing.assert_allclose(cost.eflops(g.stats, 10.0), float(g.stats["flops"]) + 10.0 * (weights + read),
+                               rtol=1e-6)
+
+
+def lm_sampler():
+    from lmx.decoding import Sampler
+
+    return Sampler(temperature=1.0)

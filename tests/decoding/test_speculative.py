@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lmx.decoding.speculative as spec
-from lmx.decoding import Sampler, SelfDraft, generate, speculative_generate
+from lmx.decoding import Sampler, SelfDraft, cost, generate, speculative_generate
 from lmx.decoding.sampling import process_logits
 from lmx.models import init_state
 from lmx.models import select as select_
@@ -56,6 +56,14 @@ def test_greedy_equals_greedy_generate(tiny, target_name, draft, gamma):
     assert s["accepted_tokens"] <= s["verified_tokens"] <= s["draft_tokens"]
     assert s["target_calls"] == 1 + s["rounds"] and s["model_calls"] == s["target_calls"]
     assert s["flops"] == pytest.approx(s["target_flops"] + s["draft_flops"])
+    tcfg = target.cfg
+    dcfg = (tcfg.replace(num_layers=4, layer_pattern=tcfg.layer_pattern[:4]) if isinstance(draft, SelfDraft)
+            else draft[0].cfg)  # each call reads its model's weights once (a self-draft: 4 layers + embed + head)
+    assert s["weight_bytes_read"] == pytest.approx(cost.weight_bytes(tcfg) * s["target_calls"]
+                                                   + cost.weight_bytes(dcfg) * s["draft_calls"])
+    assert s["bytes_moved"] == pytest.approx(s["weight_bytes_read"] + s["state_bytes_read"])
+    # At least every position the output needed was read once by the target (verification re-reads more).
+    assert s["state_bytes_read"] >= float(want.stats["state_bytes_read"]) * (1 - 1e-6)
     if mixed:
         assert 0 < s["acceptance_rate"] < 1  # the round structure is exercised: accepts and rejections both
 
