@@ -160,7 +160,11 @@ def _first_last(steps: list[dict], key: str, k: int = 5) -> list[float]:
 def _run_one(cfg, name, workdir, sft_dir, sft_cfg, task, tok, traces, progress):
     """(summary row, RLResult or None) of run `name`: skipped when the trainer cannot compute its reward."""
     r = cfg.runs[name]
-    row = {"name": name, "loss": r.loss, "advantage": r.advantage, "reward": r.reward,
+    overrides = as_dict(r.get("reward_kwargs", {}))
+    shown = r.reward + (f" {json.dumps(overrides, sort_keys=True)}" if overrides else "")
+    if r.get("budget") and int(r.budget.get("max", 0)):
+        shown += f" budget {int(r.budget.min)}-{int(r.budget.max)} '{r.budget.template}'"
+    row = {"name": name, "loss": r.loss, "advantage": r.advantage, "reward": shown,
            "length_aware": any(t.strip().rpartition("*")[2] not in NOT_LENGTH_TERMS for t in r.reward.split("+"))}
     extra = {"reward_kwargs": r.get("reward_kwargs"), "budget": r.get("budget")}
     blocker = reward_blocker(task, tok, r.reward, **extra)
@@ -295,7 +299,8 @@ def write_study_report(path: Path, summary: dict, sft_cfg, cfg, samples: dict):
              f"- RL: {int(cfg.train.steps)} steps of B={int(cfg.rl.batch_size)} prompts × G={int(cfg.rl.group_size)} "
              f"samples (τ={float(cfg.rl.temperature):g}, ≤ {int(cfg.rl.max_new_tokens)} new tokens), lr "
              f"{float(cfg.optim.lr):g}, seed {int(cfg.seed)}, every run from the same SFT checkpoint; reward terms "
-             "with their registered default configs",
+             "with their registered default configs unless the reward column names overrides; L1 runs put their "
+             "budget in the prompt",
              f"- held-out evaluation: {summary['eval_problems']} problems unseen in SFT and RL, greedy, exact "
              "verifier; generated tokens count think + answer + stop",
              f"- wall time {summary['wall_minutes_total']:.1f} min, CPU time {summary['cpu_minutes_total']:.1f} min "

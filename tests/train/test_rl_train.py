@@ -196,7 +196,7 @@ def test_l1_budgets_in_the_prompt_and_o1_pruner_reference_stats(tmp_path):
         seen.append(kw)
         return real(*a, **kw)
 
-    cfg = tiny_rl_config(steps=2)
+    cfg = tiny_rl_config(steps=1)
     cfg.reward = "l1_max+o1_pruner"
     cfg.reward_kwargs = {"o1_pruner": {"normalize": "none"}}
     cfg.budget = {"min": 4, "max": 8, "template": "[{n}]{prompt}"}
