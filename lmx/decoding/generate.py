@@ -135,6 +135,12 @@ class Forcing(Protocol):
     def __call__(self, state, record: Record, logits_XV: jax.Array, draw) -> tuple[Any, jax.Array]: ...
 
 
+def gather_rows(tree, idx_X):
+    """Rows idx_X (axis 0) of every leaf — a Record, logits, per-row ids — as `select` gathers the decode state:
+    the loops that branch or reorder rows (tree rollouts, beam search, particle resampling) move both together."""
+    return jax.tree.map(lambda x: jnp.take(x, idx_X, axis=0), tree)
+
+
 def keep_going(record: Record, stop_when, B: int) -> jax.Array:
     """Some row can still take tokens, and the stop predicate does not hold yet."""
     return jnp.any(record.alive()) & ~stop_when(record.finished_X.reshape(B, -1))

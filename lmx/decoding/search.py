@@ -32,6 +32,7 @@ from lmx.decoding.generate import (
     _int_at_least,
     base_stats,
     decode_step,
+    gather_rows,
     keep_going,
     prefill,
     prepare,
@@ -48,9 +49,6 @@ ROLLBACK = 1
 MIN_REWARD = 1e-6  # scorer rewards are clipped into [MIN_REWARD, 1 - MIN_REWARD] so logit(r) stays finite
 
 
-def _rows(tree, idx_X):
-    """Gather rows (axis 0) of every leaf, as `select` does for the decode state (a Record, logits, ...)."""
-    return jax.tree.map(lambda x: jnp.take(x, idx_X, axis=0), tree)
 
 
 def _stats(cfg, lengths_B, R, record: Record, *, calls, flops, read, tokens, max_len, rollback_window, overflow_X):
@@ -115,8 +113,8 @@ def _beam_compiled(model, stop_tokens, K, max_new_tokens, max_len, pad_id, alpha
         grows_X = alive_X[parent_X]
         tok_X, logp_X = tok_XK[parent_X, j_X], top_XK[parent_X, j_X]
         sum_X = jnp.where(grows_X, sum_X[parent_X] + logp_X, sum_X[parent_X])
-        record, taken_X = _rows(record, parent_X).append(tok_X[:, None], logp_X[:, None], grows_X.astype(jnp.int32),
-                                                         stop_S, pad_id)
+        record, taken_X = gather_rows(record, parent_X).append(tok_X[:, None], logp_X[:, None],
+                                                               grows_X.astype(jnp.int32), stop_S, pad_id)
         return record, sum_X, select(state, parent_X), tok_X, jnp.sum(taken_X)
 
     def run(params, tokens_BT, lengths_B) -> BeamGeneration:
@@ -148,7 +146,7 @@ def _beam_compiled(model, stop_tokens, K, max_new_tokens, max_len, pad_id, alpha
         score_BK = normalised(sum_X, record.lengths_X).reshape(B, K)
         order_BK = jnp.argsort(-score_BK, axis=1, stable=True)
         rank_X = (jnp.arange(B)[:, None] * K + order_BK).reshape(X)
-        record = _rows(record, rank_X)
+        record = gather_rows(record, rank_X)
         stats = _stats(cfg, lengths_B, K, record, calls=calls, flops=flops, read=read, tokens=tokens,
                        max_len=max_len, rollback_window=0, overflow_X=state.overflow_B[rank_X])
         g = to_generation(record, B, stats)
@@ -298,8 +296,8 @@ def _pf_compiled(model, sampler, stop_tokens, step_tokens, N, max_new_tokens, ma
         logw_BN = (jnp.log(r_BN) - jnp.log1p(-r_BN)) / T_s
         pick_BN = jax.random.categorical(key, logw_BN[:, None, :], axis=-1, shape=(B, N))
         idx_X = (jnp.arange(B)[:, None] * N + pick_BN).reshape(-1)
-        return pool._replace(state=select(pool.state, idx_X), logits_XV=_rows(pool.logits_XV, idx_X),
-                             record=_rows(pool.record, idx_X))
+        return pool._replace(state=select(pool.state, idx_X), logits_XV=gather_rows(pool.logits_XV, idx_X),
+                             record=gather_rows(pool.record, idx_X))
 
     # The pool is donated: each call reuses the previous call's buffers (the KV cache is not held twice).
     return (jax.jit(start), jax.jit(segment, donate_argnums=1), jax.jit(resample, donate_argnums=0))

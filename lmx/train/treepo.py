@@ -37,6 +37,7 @@ from lmx.decoding.generate import (
     _int_at_least,
     base_stats,
     decode_step,
+    gather_rows,
     prefill,
     prepare,
     to_generation,
@@ -145,9 +146,6 @@ def _allocate(finished_BR, children: int, b: int):
     return parent_BR, jnp.take_along_axis(ends_BR - counts_BR, parent_BR, axis=1) == slot_R[None]
 
 
-def _rows(tree, idx_X):
-    """Gather rows (axis 0) of every leaf: a Record or any array, as `select` does for the decode state."""
-    return jax.tree.map(lambda x: jnp.take(x, idx_X, axis=0), tree)
 
 
 @functools.lru_cache(maxsize=32)
@@ -216,9 +214,9 @@ def _compiled(model, sampler, stop_tokens, tree: TreeConfig, max_len: int, pad_i
             moved += jnp.sum(jnp.where(jnp.all(finished_BR, 1, keepdims=True), 0, finished_BR)
                              ) * (tree.branching[d + 1] - 1)
             idx_X = (jnp.arange(B)[:, None] * N + parent_BR).reshape(-1)
-            valid_X = _rows(valid_X, idx_X) & (~_rows(record.finished_X, idx_X) | first_BR.reshape(-1))
-            state, logits_XV, record, ids_Xd = (select(state, idx_X), _rows(logits_XV, idx_X), _rows(record, idx_X),
-                                                _rows(ids_Xd, idx_X))
+            valid_X = gather_rows(valid_X, idx_X) & (~gather_rows(record.finished_X, idx_X) | first_BR.reshape(-1))
+            state = select(state, idx_X)
+            logits_XV, record, ids_Xd = gather_rows((logits_XV, record, ids_Xd), idx_X)
             ids_Xd = ids_Xd.at[:, d].set(parent_BR.reshape(-1))  # depth d+1: the parent, named within its prompt
 
         stats = base_stats(mcfg, lengths_B, tree.num_leaves, record, model_calls=1 + calls, decode_steps=calls,
