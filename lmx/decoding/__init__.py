@@ -1,7 +1,9 @@
-"""Decoding: samplers, the jitted generate loop, speculative decoding, test-time scaling, and compute accounting."""
+"""Decoding: samplers, the jitted generate loop, speculative decoding, test-time scaling, latent reasoning, and
+compute accounting."""
 
 from lmx.decoding.budget import BudgetForcing, no_thinking_prompts
 from lmx.decoding.generate import AllFinished, Generation, MOfRFinished, generate
+from lmx.decoding.latent import SoftThinking, ThinkRouter, latent_generate
 from lmx.decoding.sampling import Greedy, Sampler, process_logits, sample, token_logprobs
 from lmx.decoding.scaling import (
     METHODS,
@@ -30,4 +32,5 @@ __all__ = [
     "BeamGeneration", "ParticleGeneration", "beam_search", "particle_filter",
     "SelfDraft", "speculative_generate",
     "BudgetForcing", "no_thinking_prompts",
+    "SoftThinking", "ThinkRouter", "latent_generate",
 ]

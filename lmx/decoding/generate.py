@@ -152,9 +152,13 @@ def prefill(model, params: DecodeParams, tokens_BT, lengths_B, state: DecodeStat
     return out.logits_BTV[:, 0], truncate(out.state, lengths_B)
 
 
-def decode_step(model, params: DecodeParams, tokens_X, state: DecodeState):
-    """One token per row: (logits_XV of the next position, state)."""
-    out = forward(model, params, tokens_X[:, None], state)
+def decode_step(model, params: DecodeParams, tokens_X, state: DecodeState, embeds_XD=None, use_embeds_X=None):
+    """One token per row: (logits_XV of the next position, state). embeds_XD, on the rows use_embeds_X marks,
+    replaces the token's input embedding (soft tokens, lmx.decoding.latent); without it the same program as
+    ever."""
+    embeds_BTD = None if embeds_XD is None else embeds_XD[:, None]
+    use_embeds_BT = None if use_embeds_X is None else use_embeds_X[:, None]
+    out = forward(model, params, tokens_X[:, None], state, embeds_BTD=embeds_BTD, use_embeds_BT=use_embeds_BT)
     return out.logits_BTV[:, 0], out.state
 
 
@@ -179,6 +183,18 @@ def base_stats(cfg, lengths_B, R: int, record: Record, *, model_calls, decode_st
         "state_bytes": jnp.float32(kv_bytes + ssm_bytes),
         "overflow": jnp.sum(overflow_X, dtype=jnp.int32),
     } | ({} if state_read is None else bytes_stats(cfg, model_calls, state_read))
+
+
+def sequential_stats(cfg, lengths_B, R: int, record: Record, model_calls, max_len: int, overflow_X):
+    """base_stats of a loop that prefills each prompt once, then feeds every row one token per call (generate,
+    latent decoding): flops and state bytes of each prompt's positions and of each row's fed tokens (all but its
+    last). No rollback window."""
+    prompt_len_X = jnp.repeat(lengths_B, R)
+    end_X = prompt_len_X + record.lengths_X - 1
+    flops = jnp.sum(cost.forward_flops(cfg, 0, lengths_B)) + jnp.sum(cost.forward_flops(cfg, prompt_len_X, end_X))
+    read = jnp.sum(cost.state_bytes_read(cfg, 0, lengths_B)) + jnp.sum(cost.state_bytes_read(cfg, prompt_len_X, end_X))
+    return base_stats(cfg, lengths_B, R, record, model_calls=model_calls, decode_steps=model_calls - 1, flops=flops,
+                      max_len=max_len, rollback_window=0, overflow_X=overflow_X, state_read=read)
 
 
 def bytes_stats(cfg, model_calls, state_read) -> dict[str, jax.Array]:
@@ -381,13 +397,7 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
         step, state, _, record, _ = jax.lax.while_loop(
             cond, body, (jnp.int32(1), repeat(state, R), last_X, record, policy_state))
 
-        prompt_len_X = jnp.repeat(lengths_B, R)
-        end_X = prompt_len_X + record.lengths_X - 1
-        flops = jnp.sum(cost.forward_flops(cfg, 0, lengths_B)) + jnp.sum(cost.forward_flops(cfg, prompt_len_X, end_X))
-        read = (jnp.sum(cost.state_bytes_read(cfg, 0, lengths_B))
-                + jnp.sum(cost.state_bytes_read(cfg, prompt_len_X, end_X)))
-        stats = base_stats(cfg, lengths_B, R, record, model_calls=step, decode_steps=step - 1, flops=flops,
-                           max_len=max_len, rollback_window=0, overflow_X=state.overflow_B, state_read=read)
+        stats = sequential_stats(cfg, lengths_B, R, record, step, max_len, state.overflow_B)
         return to_generation(record, B, stats)
 
     return jax.jit(run)

@@ -131,17 +131,21 @@ class Unit(nn.Module):
 
 class LM(nn.Module):
     """model.apply({"params": params}, tokens_BT, positions_BT=None, state=None, segment_ids_BT=None,
-    logits_at_B=None) -> LMOutput. Without a state the layers run as one nn.scan over the stacked params
-    (training, teacher-forced scoring); with one, through the layer-loop pieces below (`forward`)."""
+    logits_at_B=None, embeds_BTD=None, use_embeds_BT=None) -> LMOutput. Without a state the layers run as one
+    nn.scan over the stacked params (training, teacher-forced scoring); with one, through the layer-loop pieces
+    below (`forward`)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, state: DecodeState | None = None, segment_ids_BT=None,
-                 logits_at_B=None):
+                 logits_at_B=None, embeds_BTD=None, use_embeds_BT=None):
         """logits_at_B: optional int [B], one index into T per row; only those positions' logits are computed
         (logits_BTV has T = 1): a prefill needs only each prompt's last position. An int [B, K] computes K
-        positions per row (logits_BTV has T = K): RL scores only the completion positions."""
+        positions per row (logits_BTV has T = K): RL scores only the completion positions.
+        embeds_BTD / use_embeds_BT: input embeddings that replace the tokens' at the positions the bool mask marks
+        (every position when the mask is None); the token ids there are ignored (they must still be valid ids).
+        Latent reasoning (soft tokens, lmx.decoding.latent) feeds its mixtures of embeddings this way."""
         cfg = self.cfg
         if state is not None and segment_ids_BT is not None:
             raise ValueError("segment_ids_BT (packed sequences) is for teacher-forced calls, not with a decode state")
@@ -149,12 +153,13 @@ class LM(nn.Module):
             # The same maths as the scan below, layer by layer on this call's slices of the stack (a copy on
             # XLA:CPU); decoding loops split the params once instead (decode_params).
             return forward(self, _split(self.cfg, self.variables["params"]), tokens_BT, state,
-                           positions_BT=positions_BT, logits_at_B=logits_at_B)
+                           positions_BT=positions_BT, logits_at_B=logits_at_B, embeds_BTD=embeds_BTD,
+                           use_embeds_BT=use_embeds_BT)
         check_tokens(tokens_BT, cfg.vocab_size)
         B, T = tokens_BT.shape
         _check_logits_at(logits_at_B, B, T)
         embed = Embed(cfg, name="embed")
-        x_BTD = embed(tokens_BT)
+        x_BTD = _with_embeds(embed(tokens_BT), embeds_BTD, use_embeds_BT)
         ctx = make_ctx(jnp.zeros((B,), jnp.int32), T, positions_BT, segment_ids_BT)
         unit = repeating_unit(cfg.layer_pattern)
         block, args = (BLOCKS[unit[0]], (cfg,)) if len(unit) == 1 else (Unit, (cfg, unit))
@@ -177,7 +182,7 @@ class LM(nn.Module):
             logits_BTV = head_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
         if state is not None:  # initialising with a state: the params exist now
             return forward(self, _split(cfg, self.variables["params"]), tokens_BT, state, positions_BT=positions_BT,
-                           logits_at_B=logits_at_B)
+                           logits_at_B=logits_at_B, embeds_BTD=embeds_BTD, use_embeds_BT=use_embeds_BT)
         return LMOutput(logits_BTV.astype(jnp.float32), None, {"hidden_BTD": h_BTD})
 
 
@@ -187,6 +192,27 @@ def _check_logits_at(logits_at_B, B: int, T: int):
         if at.ndim not in (1, 2) or at.shape[0] != B or at.size == 0 or at.min() < 0 or at.max() >= T:
             raise ValueError(f"logits_at_B={at.tolist()} must hold indices in [0, {T}), one ([B]) or K ([B, K]) "
                              f"per row ({B} rows)")
+
+
+def _with_embeds(x_BTD, embeds_BTD, use_embeds_BT):
+    """x_BTD with embeds_BTD at the positions use_embeds_BT marks (all when it is None); x_BTD itself, untouched,
+    when no embeddings are given (so token-only calls stay bit-identical)."""
+    if embeds_BTD is None:
+        if use_embeds_BT is not None:
+            raise ValueError("use_embeds_BT was given without embeds_BTD")
+        return x_BTD
+    if tuple(embeds_BTD.shape) != tuple(x_BTD.shape):
+        raise ValueError(f"embeds_BTD has shape {tuple(embeds_BTD.shape)}, expected {tuple(x_BTD.shape)} "
+                         f"(the tokens' [B, T] and d_model)")
+    embeds_BTD = jnp.asarray(embeds_BTD).astype(x_BTD.dtype)
+    if use_embeds_BT is None:
+        return embeds_BTD
+    if tuple(use_embeds_BT.shape) != tuple(x_BTD.shape[:2]):
+        raise ValueError(f"use_embeds_BT has shape {tuple(use_embeds_BT.shape)}, expected the tokens' "
+                         f"{tuple(x_BTD.shape[:2])}")
+    if jnp.asarray(use_embeds_BT).dtype != jnp.bool_:
+        raise ValueError(f"use_embeds_BT must be a bool mask, got dtype {jnp.asarray(use_embeds_BT).dtype}")
+    return jnp.where(use_embeds_BT[..., None], embeds_BTD, x_BTD)
 
 
 def _rows_at(h_BTD, logits_at_B):
@@ -253,9 +279,10 @@ def decode_params(model: nn.Module, params) -> DecodeParams:
     return split
 
 
-def embed(model: nn.Module, params: DecodeParams, tokens_BT):
-    """Token embeddings x_BTD."""
-    return Embed(model.cfg).apply({"params": params.rest["embed"]}, tokens_BT)
+def embed(model: nn.Module, params: DecodeParams, tokens_BT, embeds_BTD=None, use_embeds_BT=None):
+    """Token embeddings x_BTD; given embeds_BTD replace them where use_embeds_BT marks (as in LM.__call__)."""
+    x_BTD = Embed(model.cfg).apply({"params": params.rest["embed"]}, tokens_BT)
+    return _with_embeds(x_BTD, embeds_BTD, use_embeds_BT)
 
 
 def run_layers(model: nn.Module, params: DecodeParams, x_BTD, states, ctx: Ctx, start: int = 0,
@@ -305,14 +332,14 @@ def advance(state: DecodeState, layers: tuple, T: int) -> DecodeState:
 
 
 def forward(model: nn.Module, params: DecodeParams, tokens_BT, state: DecodeState, *, positions_BT=None,
-            logits_at_B=None) -> LMOutput:
+            logits_at_B=None, embeds_BTD=None, use_embeds_BT=None) -> LMOutput:
     """embed -> every layer with its state -> head: what model.apply computes with a state, on split params."""
     check_tokens(tokens_BT, model.cfg.vocab_size)
     B, T = tokens_BT.shape
     _check_logits_at(logits_at_B, B, T)
     check_room(state, T)
-    x_BTD, layers = run_layers(model, params, embed(model, params, tokens_BT), state.layers,
-                               make_ctx(state.lengths_B, T, positions_BT))
+    x_BTD = embed(model, params, tokens_BT, embeds_BTD, use_embeds_BT)
+    x_BTD, layers = run_layers(model, params, x_BTD, state.layers, make_ctx(state.lengths_B, T, positions_BT))
     logits_BTV, h_BTD = head(model, params, x_BTD, logits_at_B)
     return LMOutput(logits_BTV, advance(state, layers, T), {"hidden_BTD": h_BTD})
 
