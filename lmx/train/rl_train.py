@@ -208,7 +208,10 @@ def _initial_state(model, optimizer, params, seed: int) -> TrainState:
     state = TrainState.create(model, optimizer, jax.random.PRNGKey(seed))
     if params is None:
         return state
-    return TrainState(params, jax.jit(optimizer.init)(params), state.step, state.rng)
+    # One placement for every leaf: restored params arrive committed to the device while fresh arrays are not,
+    # and jit keys its cache on that, so without this the rollout and update compile again at step 2.
+    return jax.device_put(TrainState(params, jax.jit(optimizer.init)(params), state.step, state.rng),
+                          jax.devices()[0])
 
 
 def _held_out(task, streams, n: int, seed: int):
