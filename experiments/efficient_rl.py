@@ -35,9 +35,16 @@ from lmx.train.rl_train import (
     train_rl,
 )
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/efficient_rl.py", "Study config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Study directory (default runs/efficient_rl/<timestamp>).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """--config and --workdir, defined only when run as a script: the tests import several studies in one process,
+    and absl refuses a flag defined twice."""
+    config_flags.DEFINE_config_file("config", "experiments/configs/efficient_rl.py", "Study config file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Study directory (default runs/efficient_rl/<timestamp>).")
+
 
 NOT_LENGTH_TERMS = ("correctness", "format")  # a reward with any other term is length-aware
 
@@ -404,8 +411,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_orbax()
-    workdir = Path(_WORKDIR.value or Path("runs/efficient_rl") / time.strftime("%Y%m%d-%H%M%S"))
-    summary = run_study(_CONFIG.value, workdir)
+    workdir = Path(FLAGS.workdir or Path("runs/efficient_rl") / time.strftime("%Y%m%d-%H%M%S"))
+    summary = run_study(FLAGS.config, workdir)
     for r in summary["runs"]:
         if r["status"] == "ok":
             print(f"{r['name']:>16}: accuracy {r['accuracy']:.3f}, {r['gen_tokens']:.1f} tokens "
@@ -419,4 +426,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

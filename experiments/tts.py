@@ -36,9 +36,16 @@ from lmx.train.report import quiet_orbax, write_report
 from lmx.train.rl_train import sft_config
 from lmx.train.state import abstract_state
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tts.py", "Study config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Study directory (default runs/tts/<timestamp>).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """--config and --workdir, defined only when run as a script: the tests import several studies in one process,
+    and absl refuses a flag defined twice."""
+    config_flags.DEFINE_config_file("config", "experiments/configs/tts.py", "Study config file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Study directory (default runs/tts/<timestamp>).")
+
 
 # (method, uses k): scaling.run_method's names, then the search / budget / latent methods.
 METHODS = (("greedy", False), ("majority", True), ("weighted_majority", True), ("best_of_n", True), ("bom", True),
@@ -281,8 +288,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_orbax()
     logging.set_verbosity(logging.INFO)
-    workdir = Path(_WORKDIR.value or Path("runs/tts") / time.strftime("%Y%m%d-%H%M%S"))
-    rows = run_study(_CONFIG.value, workdir)
+    workdir = Path(FLAGS.workdir or Path("runs/tts") / time.strftime("%Y%m%d-%H%M%S"))
+    rows = run_study(FLAGS.config, workdir)
     for r in rows:
         print(f"{r['method']:>18} k={r['k']!s:>4}: acc {r['accuracy']:.3f}  tokens {r['gen_tokens']:8.1f}  "
               f"eFLOPs {r['eflops']:.3g}")
@@ -290,4 +297,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
