@@ -42,6 +42,10 @@ class AllFinished:
     def __call__(self, finished_BR):
         return jnp.all(finished_BR)
 
+    def settled(self, finished_BR):
+        """Prompts whose samples may stop (all of them finished: nothing left to freeze)."""
+        return jnp.all(finished_BR, axis=-1)
+
 
 @dataclass(frozen=True)
 class MOfRFinished:
@@ -54,7 +58,12 @@ class MOfRFinished:
             raise ValueError(f"MOfRFinished.m={self.m!r} must be an int >= 1")
 
     def __call__(self, finished_BR):
-        return jnp.all(jnp.sum(finished_BR, axis=-1) >= self.m)
+        return jnp.all(self.settled(finished_BR))
+
+    def settled(self, finished_BR):
+        """Prompts with m finished samples: their other samples stop taking tokens (`Record.settle`), so a batch
+        of prompts costs what each prompt's own first m finishes cost."""
+        return jnp.sum(finished_BR, axis=-1) >= self.m
 
 
 @flax.struct.dataclass
@@ -78,21 +87,29 @@ class Generation:
 @flax.struct.dataclass
 class Record:
     """Each row's generated tokens so far: tokens_XT (pad_id past the row's length), logprobs_XT (0 there),
-    lengths_X, finished_X (emitted a stop token)."""
+    lengths_X, finished_X (emitted a stop token), stopped_X (takes no more tokens although unfinished: its
+    prompt's stop predicate already holds, see `settle`)."""
 
     tokens_XT: jax.Array
     logprobs_XT: jax.Array
     lengths_X: jax.Array
     finished_X: jax.Array
+    stopped_X: jax.Array
 
     @classmethod
     def empty(cls, X: int, max_new_tokens: int, pad_id: int) -> Record:
         return cls(jnp.full((X, max_new_tokens), pad_id, jnp.int32), jnp.zeros((X, max_new_tokens), jnp.float32),
-                   jnp.zeros((X,), jnp.int32), jnp.zeros((X,), bool))
+                   jnp.zeros((X,), jnp.int32), jnp.zeros((X,), bool), jnp.zeros((X,), bool))
 
     def alive(self) -> jax.Array:
-        """Rows that may still take tokens: not finished, budget left."""
-        return ~self.finished_X & (self.lengths_X < self.tokens_XT.shape[1])
+        """Rows that may still take tokens: not finished, not stopped, budget left."""
+        return ~self.finished_X & ~self.stopped_X & (self.lengths_X < self.tokens_XT.shape[1])
+
+    def settle(self, stop_when, B: int) -> Record:
+        """Stop the rows of every prompt that `stop_when.settled` says is done (short-m@k, first-finish: once a
+        prompt has its m finished samples, its others take no more tokens, while other prompts go on)."""
+        settled_B = stop_when.settled(self.finished_X.reshape(B, -1))
+        return self.replace(stopped_X=self.stopped_X | jnp.repeat(settled_B, self.finished_X.shape[0] // B))
 
     def append(self, tokens_XK, logprobs_XK, count_X, stop_S, pad_id: int) -> tuple[Record, jax.Array]:
         """Append each row's first count_X of K candidate tokens, stopping after a stop token and at the budget;
@@ -110,7 +127,7 @@ class Record:
         tokens_XT = self.tokens_XT.at[rows_XK, pos_XK].set(jnp.where(take_XK, tokens_XK, pad_id), mode="drop")
         logprobs_XT = self.logprobs_XT.at[rows_XK, pos_XK].set(jnp.where(take_XK, logprobs_XK, 0.0), mode="drop")
         return Record(tokens_XT, logprobs_XT, self.lengths_X + taken_X,
-                      self.finished_X | jnp.any(stop_XK & take_XK, axis=1)), taken_X
+                      self.finished_X | jnp.any(stop_XK & take_XK, axis=1), self.stopped_X), taken_X
 
 
 class Forcing(Protocol):
@@ -359,6 +376,10 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
     cfg, R = model.cfg, num_samples
     stop_S = np.array(stop_tokens, np.int32)
 
+    # A stop predicate that settles prompts one by one (MOfRFinished) stops their rows as they settle; AllFinished
+    # has nothing to stop early, and keeps the program it always had.
+    per_prompt_stop = hasattr(stop_when, "settled") and not isinstance(stop_when, AllFinished)
+
     def sample_into(record: Record, logits_XV, key, policy_state):
         draw = functools.partial(sample, sampler, rng=key)
         if forcing is None:
@@ -367,6 +388,8 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
             policy_state, tok_X = forcing(policy_state, record, logits_XV, draw)
         logprob_X = token_logprobs(sampler, logits_XV, tok_X)  # the model's, unmasked (see Forcing)
         record, _ = record.append(tok_X[:, None], logprob_X[:, None], jnp.ones_like(tok_X), stop_S, pad_id)
+        if per_prompt_stop:
+            record = record.settle(stop_when, record.finished_X.shape[0] // R)
         return record, tok_X, policy_state
 
     def run(params, tokens_BT, lengths_B, rng) -> Generation:

@@ -118,14 +118,16 @@ def test_m_of_r_stops_at_first_finish(tiny):
     first = sampled(tiny, jax.random.key(0), stop_when=MOfRFinished(1))
     lengths, finished = np.asarray(full.lengths_BR), np.asarray(full.finished_BR)
     assert finished.any(-1).all()  # precondition: every prompt has a sample that finishes
-    # The step at which every prompt first has a finished sample.
-    n = max(lengths[b][finished[b]].min() for b in range(len(PROMPTS)))
-    assert int(first.stats["decode_steps"]) == n - 1 < int(full.stats["decode_steps"])
-    # Same per-step keys: the early-stopped run is the prefix of the full run.
-    np.testing.assert_array_equal(first.lengths_BR, np.minimum(lengths, n))
-    np.testing.assert_array_equal(first.finished_BR, finished & (lengths <= n))
-    np.testing.assert_array_equal(first.tokens_BRT[..., :n], full.tokens_BRT[..., :n])
-    assert (first.tokens_BRT[..., n:] == 0).all()
+    # The step at which each prompt first has a finished sample: its other samples stop there, and the loop
+    # when every prompt has one.
+    n_B1 = np.array([lengths[b][finished[b]].min() for b in range(len(PROMPTS))])[:, None]
+    assert int(first.stats["decode_steps"]) == n_B1.max() - 1 < int(full.stats["decode_steps"])
+    # Same per-step keys: each prompt's early-stopped samples are the prefixes of the full run's.
+    np.testing.assert_array_equal(first.lengths_BR, np.minimum(lengths, n_B1))
+    np.testing.assert_array_equal(first.finished_BR, finished & (lengths <= n_B1))
+    T = np.arange(full.tokens_BRT.shape[-1])
+    np.testing.assert_array_equal(np.where(T < n_B1[..., None], full.tokens_BRT, 0), first.tokens_BRT)
+    assert int(first.stats["tokens_generated"]) == np.minimum(lengths, n_B1).sum()
     assert (np.asarray(first.finished_BR).sum(-1) >= 1).all()
 
 
