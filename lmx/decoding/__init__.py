@@ -20,7 +20,14 @@ from lmx.decoding.scaling import (
     verifier_scorer,
     weighted_majority,
 )
-from lmx.decoding.search import BeamGeneration, ParticleGeneration, beam_search, particle_filter
+from lmx.decoding.search import (
+    AStarGeneration,
+    BeamGeneration,
+    ParticleGeneration,
+    astar_search,
+    beam_search,
+    particle_filter,
+)
 from lmx.decoding.speculative import SelfDraft, speculative_generate
 
 __all__ = [
@@ -29,7 +36,7 @@ __all__ = [
     "METHODS", "ScalingResult", "WeibullMixture", "best_of_majority", "best_of_n", "first_finish",
     "fit_weibull_mixture", "majority_vote", "rpc", "run_method", "short_m_at_k", "verifier_scorer",
     "weighted_majority",
-    "BeamGeneration", "ParticleGeneration", "beam_search", "particle_filter",
+    "AStarGeneration", "BeamGeneration", "ParticleGeneration", "astar_search", "beam_search", "particle_filter",
     "SelfDraft", "speculative_generate",
     "BudgetForcing", "no_thinking_prompts",
     "SoftThinking", "ThinkRouter", "latent_generate",

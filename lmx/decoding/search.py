@@ -9,6 +9,10 @@ to_generation) and the state helpers: beams and particles are rows of one Decode
   steps (not tokens) is in Python; each step's tokens are one jitted call that continues from the carried
   DecodeState until every particle has emitted the step delimiter or stopped, then the pool is resampled by
   another jitted call that gathers rows with `select`.
+- `astar_search` (arXiv 2505.13672): best-first over steps with the same pieces: each round pops a prompt's
+  best partial path by log r (discounted each time it was expanded), samples `expand` children of it to the next
+  delimiter, scores them on the host and keeps the best `frontier` paths; the first goal popped (or the best path
+  when the token budget is spent) is the answer.
 Rows are X = B·R, row b·R + r (the order of `lmx.models.repeat`), R = beams or particles per prompt.
 """
 
@@ -205,21 +209,18 @@ def particle_filter(model, params, prompts, *, num_particles: int, step_token, s
     T_s = float(score_temperature)
     if not 0 < T_s < math.inf:
         raise ValueError(f"score_temperature={score_temperature!r} must be finite and > 0")
-    steps = (step_token,) if np.ndim(step_token) == 0 else tuple(step_token)
-    if not steps:
-        raise ValueError("step_token must name at least one delimiter id")
-    steps = tuple(sorted({operator.index(t) for t in steps}))
-    check_tokens(np.array(steps), model.cfg.vocab_size, what=f"step_token={step_token!r}")
+    steps = _step_ids(step_token, model.cfg.vocab_size)
     p = prepare(model.cfg, prompts, max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens,
                 rng=rng, num_samples=N, stop_when=AllFinished(), max_len=max_len, pad_id=pad_id)
-    start, segment, resample = _pf_compiled(model, sampler, p.stop_tokens, steps, N, p.max_new_tokens, p.max_len,
-                                            p.pad_id)
+    start, segment, resample, _ = _step_compiled(model, sampler, p.stop_tokens, steps, N, p.max_new_tokens,
+                                                 p.max_len, p.pad_id)
     dparams = decode_params(model, params)
     pool = start(dparams, p.tokens_BT, p.lengths_B)
     B = len(p.lengths_B)
     resample_rng = jax.random.fold_in(rng, RESAMPLE_SALT)
+    every_X = jnp.ones((B * N,), bool)
     for s in range(p.max_new_tokens + 1):
-        pool = segment(dparams, pool, rng)
+        pool = segment(dparams, pool, rng, every_X)
         record = jax.device_get(pool.record)
         r_BN = _check_rewards(scorer(record.tokens_XT.reshape(B, N, -1), record.lengths_X.reshape(B, N)), (B, N))
         if not np.any(~record.finished_X & (record.lengths_X < p.max_new_tokens)):
@@ -233,6 +234,15 @@ def particle_filter(model, params, prompts, *, num_particles: int, step_token, s
                               jnp.asarray(r_BN, jnp.float32))
 
 
+def _step_ids(step_token, vocab_size: int) -> tuple[int, ...]:
+    steps = (step_token,) if np.ndim(step_token) == 0 else tuple(step_token)
+    if not steps:
+        raise ValueError("step_token must name at least one delimiter id")
+    steps = tuple(sorted({operator.index(t) for t in steps}))
+    check_tokens(np.array(steps), vocab_size, what=f"step_token={step_token!r}")
+    return steps
+
+
 def _check_rewards(r, shape) -> np.ndarray:
     r = np.asarray(r, np.float64)
     if r.shape != shape:
@@ -244,7 +254,9 @@ def _check_rewards(r, shape) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _pf_compiled(model, sampler, stop_tokens, step_tokens, N, max_new_tokens, max_len, pad_id):
+def _step_compiled(model, sampler, stop_tokens, step_tokens, N, max_new_tokens, max_len, pad_id):
+    """The step-level search pieces over N rows per prompt: start (prefill, copy N ways), segment (every row of
+    active_X samples one step), resample (particle filtering's), gather (move rows: state, logits, record)."""
     cfg = model.cfg
     stop_S, step_S = np.array(stop_tokens, np.int32), np.array(step_tokens, np.int32)
 
@@ -257,8 +269,9 @@ def _pf_compiled(model, sampler, stop_tokens, step_tokens, N, max_new_tokens, ma
                      zero, zero, zero, jnp.sum(cost.forward_flops(cfg, 0, lengths_B)),
                      jnp.sum(cost.state_bytes_read(cfg, 0, lengths_B, ROLLBACK)))
 
-    def segment(params, pool: _Pool, rng) -> _Pool:
-        """Sample → feed until every row has emitted a delimiter in this call, or stopped, or used its budget."""
+    def segment(params, pool: _Pool, rng, active_X) -> _Pool:
+        """Sample → feed until every row of active_X has emitted a delimiter in this call, or stopped, or used its
+        budget. The other rows take no tokens."""
 
         def body(c):
             pool, ended_X = c
@@ -288,16 +301,133 @@ def _pf_compiled(model, sampler, stop_tokens, step_tokens, N, max_new_tokens, ma
                          pool.tokens + jnp.sum(taken_X), flops, read), ended_X
 
         cond = lambda c: jnp.any(c[0].record.alive() & ~c[1])
-        ended_X = jnp.zeros(pool.record.lengths_X.shape, bool)
-        return jax.lax.while_loop(cond, body, (pool, ended_X))[0]
+        return jax.lax.while_loop(cond, body, (pool, ~active_X))[0]
 
     def resample(pool: _Pool, r_BN, key, T_s) -> _Pool:
         B = r_BN.shape[0]
         logw_BN = (jnp.log(r_BN) - jnp.log1p(-r_BN)) / T_s
         pick_BN = jax.random.categorical(key, logw_BN[:, None, :], axis=-1, shape=(B, N))
-        idx_X = (jnp.arange(B)[:, None] * N + pick_BN).reshape(-1)
+        return gather(pool, (jnp.arange(B)[:, None] * N + pick_BN).reshape(-1))
+
+    def gather(pool: _Pool, idx_X) -> _Pool:
         return pool._replace(state=select(pool.state, idx_X), logits_XV=gather_rows(pool.logits_XV, idx_X),
                              record=gather_rows(pool.record, idx_X))
 
     # The pool is donated: each call reuses the previous call's buffers (the KV cache is not held twice).
-    return (jax.jit(start), jax.jit(segment, donate_argnums=1), jax.jit(resample, donate_argnums=0))
+    return (jax.jit(start), jax.jit(segment, donate_argnums=1), jax.jit(resample, donate_argnums=0),
+            jax.jit(gather, donate_argnums=0))
+
+
+# ------------------------------------------------------------------------------------------ A*-style step search
+@flax.struct.dataclass
+class AStarGeneration(Generation):
+    """Generation with R = 1: the path each prompt's search returned. stats: Generation's keys, tokens_generated
+    counting every sampled token (all expansions), kept_tokens (Σ lengths_BR), expansions (per prompt, [B]),
+    scorer_calls and reached_goal_B (the path was popped as a goal, not cut off by the budget)."""
+
+    rewards_BR: jax.Array  # float32: the scorer's reward for the returned path (clipped into (0, 1))
+    priorities_BR: jax.Array  # float32: its priority log r + (times expanded)·log retry_discount
+
+
+def astar_search(model, params, prompts, *, expand: int, frontier: int, step_token, scorer, token_budget: int,
+                 max_new_tokens: int, rng, sampler: Sampler = Sampler(),  # noqa: B008 (frozen dataclass)
+                 stop_tokens=(), retry_discount: float = 0.5, max_len: int | None = None,
+                 pad_id: int = 0) -> AStarGeneration:
+    """A*-style best-first search over reasoning steps (A*-decoding, arXiv 2505.13672) under a token budget.
+
+    Each prompt keeps a frontier of up to `frontier` partial paths, the root (the bare prompt) first. A round
+    pops the path of highest priority f = log r (r: the scorer's prefix reward, the estimated chance that the
+    path ends correct; ties go to the longer path, the one nearer a goal, then the older slot), samples `expand`
+    children of it, each up to the next step delimiter (as `particle_filter` does), scores them, and keeps the
+    best `frontier` of the old frontier and the children. Expansions are samples, so the popped path stays in
+    the frontier with its reward discounted by `retry_discount` (in [0, 1]; 0 closes it as classic A* does):
+    when all its children fail, it is tried again only while no other path looks as good.
+    The search ends for a prompt when it pops a goal (a finished path, or one at
+    max_new_tokens): that path is returned, as A* returns the first goal it expands. Once the prompt's sampled
+    tokens reach `token_budget` no further round starts: the best goal in the frontier is returned if there is
+    one, else its best path (unfinished; `reached_goal_B` says which). A round may overshoot the budget by at most
+    expand · max_new_tokens tokens.
+
+    scorer(tokens_BKT, lengths_BK) -> r_BK in [0, 1], as particle_filter's (the children of every prompt, the
+    prompts whose search ended included: their rewards are ignored). rng: token t is drawn with fold_in(rng, t).
+    Rows: expand + frontier per prompt, one jitted call per round to sample, the scorer on the host between.
+    """
+    K = _int_at_least("expand", expand, 1)
+    F = _int_at_least("frontier", frontier, 1)
+    budget = _int_at_least("token_budget", token_budget, 1)
+    gamma = float(retry_discount)
+    if not 0 <= gamma <= 1:  # NaN fails too
+        raise ValueError(f"retry_discount={retry_discount!r} must lie in [0, 1]")
+    log_gamma = math.log(gamma) if gamma > 0 else -math.inf
+    if not isinstance(sampler, Sampler) or sampler.is_greedy:
+        raise ValueError(f"A* search samples its expansions; sampler must be a non-greedy Sampler, got {sampler!r}")
+    if not callable(scorer):
+        raise TypeError(f"scorer must be callable (tokens_BKT, lengths_BK) -> r_BK, got {scorer!r}")
+    steps = _step_ids(step_token, model.cfg.vocab_size)
+    M = K + F  # rows b·M + j: j < K the children being sampled, K + i frontier slot i
+    p = prepare(model.cfg, prompts, max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens,
+                rng=rng, num_samples=M, stop_when=AllFinished(), max_len=max_len, pad_id=pad_id)
+    start, segment, _, gather = _step_compiled(model, sampler, p.stop_tokens, steps, M, p.max_new_tokens, p.max_len,
+                                               p.pad_id)
+    dparams = decode_params(model, params)
+    pool = start(dparams, p.tokens_BT, p.lengths_B)
+    B, T = len(p.lengths_B), p.max_new_tokens
+    base_BM = np.arange(B)[:, None] * M
+    f_BF = np.full((B, F), -np.inf)  # -inf: an empty slot
+    f_BF[:, 0] = 0.0  # the root
+    r_BF, len_BF, goal_BF = np.ones((B, F)), np.zeros((B, F), np.int64), np.zeros((B, F), bool)
+    spent_B, expansions_B = np.zeros(B, np.int64), np.zeros(B, np.int32)
+    answer_B, reached_B = np.full(B, -1), np.zeros(B, bool)
+    calls = 0
+    while True:
+        order_BF = np.lexsort((np.broadcast_to(np.arange(F), (B, F)), -len_BF, -f_BF), axis=1)
+        best_B = order_BF[:, 0]
+        best_goal_B = goal_BF[np.arange(B), best_B]
+        for b in np.flatnonzero(answer_B < 0):
+            if best_goal_B[b]:
+                answer_B[b], reached_B[b] = best_B[b], True
+            elif spent_B[b] >= budget:
+                goals = order_BF[b][goal_BF[b][order_BF[b]]]
+                answer_B[b] = goals[0] if goals.size else best_B[b]
+        active_B = answer_B < 0
+        if not active_B.any():
+            break
+        # Pop: every active prompt's K child rows become copies of its best path (discounted, or closed).
+        idx_BM = base_BM + np.arange(M)
+        idx_BM[active_B, :K] = (base_BM[:, 0] + K + best_B)[active_B, None]
+        f_BF[active_B, best_B[active_B]] += log_gamma
+        pool = gather(pool, jnp.asarray(idx_BM.reshape(-1), jnp.int32))
+        parent_B = len_BF[np.arange(B), best_B]
+        active_X = np.zeros((B, M), bool)
+        active_X[:, :K] = active_B[:, None]
+        pool = segment(dparams, pool, rng, jnp.asarray(active_X.reshape(-1)))
+        record = jax.device_get(pool.record)
+        tokens_BMT, len_BM = record.tokens_XT.reshape(B, M, T), record.lengths_X.reshape(B, M)
+        r_BK = _check_rewards(scorer(tokens_BMT[:, :K], len_BM[:, :K]), (B, K))
+        calls += 1
+        spent_B += np.where(active_B, (len_BM[:, :K] - parent_B[:, None]).sum(1), 0)
+        expansions_B += active_B
+        # Insert: the best F of the frontier and the children, by the pop order, into the frontier slots.
+        child_goal_BK = record.finished_X.reshape(B, M)[:, :K] | (len_BM[:, :K] >= T)
+        all_f = np.concatenate([np.log(r_BK), f_BF], 1)
+        all_len = np.concatenate([len_BM[:, :K], len_BF], 1)
+        keep_BF = np.lexsort((np.broadcast_to(np.arange(M), (B, M)), -all_len, -all_f), axis=1)[:, :F]
+        keep_BF = np.where(active_B[:, None], keep_BF, K + np.arange(F))  # ended prompts keep their frontier
+        rows = np.arange(B)[:, None]
+        f_BF = all_f[rows, keep_BF]
+        r_BF = np.concatenate([r_BK, r_BF], 1)[rows, keep_BF]
+        len_BF = all_len[rows, keep_BF]
+        goal_BF = np.concatenate([child_goal_BK, goal_BF], 1)[rows, keep_BF]
+        idx_BM = base_BM + np.arange(M)
+        idx_BM[:, K:] = base_BM + keep_BF  # source column j < K a child, K + i the old slot i
+        pool = gather(pool, jnp.asarray(idx_BM.reshape(-1), jnp.int32))
+    stats = _stats(model.cfg, p.lengths_B, M, pool.record, calls=pool.calls, flops=pool.flops, read=pool.read,
+                   tokens=pool.tokens, max_len=p.max_len, rollback_window=ROLLBACK, overflow_X=pool.state.overflow_B)
+    rows_B = base_BM[:, 0] + K + answer_B
+    g = to_generation(gather_rows(pool.record, jnp.asarray(rows_B)), B, stats)
+    stats |= {"kept_tokens": jnp.sum(g.lengths_BR), "expansions": jnp.asarray(expansions_B),
+              "scorer_calls": jnp.int32(calls), "reached_goal_B": jnp.asarray(reached_B)}
+    pick = np.arange(B), answer_B
+    return AStarGeneration(g.tokens_BRT, g.lengths_BR, g.logprobs_BRT, g.finished_BR, stats,
+                           jnp.asarray(r_BF[pick][:, None], jnp.float32),
+                           jnp.asarray(f_BF[pick][:, None], jnp.float32))

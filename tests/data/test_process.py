@@ -11,7 +11,7 @@ import pytest
 from lmx.data.tasks import Arithmetic, Countdown, Problem, ShortestPath, format_target
 from lmx.data.tasks.process import prefix_reward, prefix_scorer, split_steps, step_scores
 from lmx.data.tokenizer import EOS, CharTokenizer
-from lmx.decoding import Sampler, generate, particle_filter
+from lmx.decoding import Sampler, astar_search, generate, particle_filter
 
 TOK = CharTokenizer()
 HI, LO = 0.99, 0.01  # 1 - ε and ε at the default ε
@@ -218,11 +218,11 @@ def _fit(model, params, problems, tok, steps=60):
     return params
 
 
-def test_particle_filtering_with_the_process_verifier_beats_best_of_n(tiny):
+@pytest.fixture(scope="module")
+def memorised(tiny):
     """An imperfect model, constructed: training one to be imperfect at arithmetic in general takes minutes, so a
     tiny model memorises two 5-digit additions (full column CoT, ~55 tokens) and is sampled at τ = 2, where most
-    samples slip somewhere. 8 copies of each prompt: particle filtering with N = 8 and the exact column verifier
-    (steps end at ';' or '</think>') against best-of-M with M = 12 independent samples, at least as many tokens."""
+    samples slip somewhere. 8 copies of each prompt; best-of-M with M = 12 independent samples as the baseline."""
     tok = TOK
     task = Arithmetic(num_digits=(5, 5), cot="full")
     problems = [task.make(47285, 91736, "+"), task.make(30518, 64927, "+")] * 8
@@ -230,16 +230,36 @@ def test_particle_filtering_with_the_process_verifier_beats_best_of_n(tiny):
     params = _fit(model, params, problems[:2], tok)
     prompts = [tok.encode(p.prompt, add_bos=True) for p in problems]
     kw = dict(max_new_tokens=64, sampler=Sampler(2.0), stop_tokens=(tok.eos_id,), rng=jax.random.key(0))
-
     g = jax.device_get(generate(model, params, prompts, num_samples=12, **kw))
     correct = np.array([[task.score(p, tok.decode(g.tokens_BRT[b, r, : g.lengths_BR[b, r]])) for r in range(12)]
                         for b, p in enumerate(problems)])
-    pf = jax.device_get(particle_filter(model, params, prompts, num_particles=8, scorer=prefix_scorer(task, problems),
-                                        step_token=(tok.encode(";")[0], tok.end_think_id), **kw))
-    best = pf.rewards_BR.argmax(1)
-    pf_correct = np.array([task.score(p, tok.decode(pf.tokens_BRT[b, best[b], : pf.lengths_BR[b, best[b]]]))
-                           for b, p in enumerate(problems)])
-
-    assert int(g.stats["tokens_generated"]) >= int(pf.stats["tokens_generated"])  # best-of-M spends no less
     assert correct.mean() < 0.1  # the model is imperfect: most samples are wrong somewhere
+    return task, problems, model, params, prompts, kw, g, correct
+
+
+def _scored(task, problems, gen, pick_B):
+    return np.array([task.score(p, TOK.decode(gen.tokens_BRT[b, pick_B[b], : gen.lengths_BR[b, pick_B[b]]]))
+                     for b, p in enumerate(problems)])
+
+
+def test_particle_filtering_with_the_process_verifier_beats_best_of_n(memorised):
+    """Particle filtering with N = 8 and the exact column verifier (steps end at ';' or '</think>') against
+    best-of-12, which spends at least as many tokens."""
+    task, problems, model, params, prompts, kw, g, correct = memorised
+    pf = jax.device_get(particle_filter(model, params, prompts, num_particles=8, scorer=prefix_scorer(task, problems),
+                                        step_token=(TOK.encode(";")[0], TOK.end_think_id), **kw))
+    pf_correct = _scored(task, problems, pf, pf.rewards_BR.argmax(1))
+    assert int(g.stats["tokens_generated"]) >= int(pf.stats["tokens_generated"])  # best-of-M spends no less
     assert pf_correct.mean() >= 0.75 and pf_correct.mean() > correct.max(1).mean() + 0.5  # beats even any-correct
+
+
+def test_astar_search_with_the_process_verifier_beats_best_of_n_on_half_the_tokens(memorised):
+    """A* over the verifier's steps (expand 2, frontier 4, 400 tokens a prompt) against best-of-12 with over twice
+    its tokens."""
+    task, problems, model, params, prompts, kw, g, correct = memorised
+    a = jax.device_get(astar_search(model, params, prompts, expand=2, frontier=4, token_budget=400,
+                                    scorer=prefix_scorer(task, problems),
+                                    step_token=(TOK.encode(";")[0], TOK.end_think_id), **kw))
+    a_correct = _scored(task, problems, a, np.zeros(len(problems), int))
+    assert 2 * int(a.stats["tokens_generated"]) <= int(g.stats["tokens_generated"])
+    assert a_correct.mean() >= 0.75 and a_correct.mean() > correct.max(1).mean() + 0.5

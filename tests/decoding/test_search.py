@@ -2,8 +2,9 @@
 sequences and a beam as wide as the vocabulary is exhaustive search; particles sample what generate samples until
 their first delimiter, keep their decode-state rows through waiting and resampling (log-probs = a teacher-forced
 forward, attention and Mamba-2) with stats counted by hand, a constant scorer leaves independent sampling's
-distribution (with a negative control); bad input fails naming the value. (Particle filtering with the exact
-process verifier against best-of-N: tests/data/test_process.py.)"""
+distribution (with a negative control); A* search finds the paths a scorer wants with fewer tokens than
+sampling, backtracks, keeps consistent rows and stops at its token budget; bad input fails naming the value.
+(Particle filtering and A* with the exact process verifier against best-of-N: tests/data/test_process.py.)"""
 
 import math
 
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmx.decoding import Sampler, beam_search, cost, generate, particle_filter
+from lmx.decoding import Sampler, astar_search, beam_search, cost, generate, particle_filter
 
 PROMPTS = [[5, 9, 17], [42], [3, 1, 4, 1, 5], [7, 7], [100, 2, 64], [11]]
 
@@ -197,6 +198,64 @@ def test_mamba2_waiting_rows_keep_their_state_and_stats_count_each_position(tiny
     assert float(s["ssm_state_bytes"]) == 3 * cost.ssm_state_bytes_per_row(model.cfg, rollback_window=1)
 
 
+# ------------------------------------------------------------------------------------------------ A* search
+GOOD = np.array([1, 1, 1, 0, 1, 0, 1, 1], bool)  # a step holding token 3 or 5 is a wrong step
+A_PROMPTS = [[5, 3, 1], [4], [6, 7, 3, 4, 5]] * 4
+
+
+def _good_paths(tokens_BKT, lengths_BK):
+    ok = np.where(np.arange(tokens_BKT.shape[-1]) < lengths_BK[..., None], GOOD[tokens_BKT], True).all(-1)
+    return np.where(ok, 0.99, 0.01)
+
+
+@pytest.fixture(scope="module")
+def astar(tiny):
+    model, params = tiny("llama-tiny", num_layers=1, vocab_size=V_SMALL)
+    kw = dict(max_new_tokens=8, sampler=Sampler(TAU), stop_tokens=(7,), rng=jax.random.key(0))
+    a = jax.device_get(astar_search(model, params, A_PROMPTS, expand=3, frontier=6, step_token=DELIMS,
+                                    scorer=_good_paths, token_budget=60, **kw))
+    g = jax.device_get(generate(model, params, A_PROMPTS, num_samples=8, **kw))
+    return model, params, kw, a, g
+
+
+def test_astar_finds_what_the_scorer_wants_with_fewer_tokens_than_sampling(astar):
+    model, params, _, a, g = astar
+    assert (_good_paths(g.tokens_BRT, g.lengths_BR) > 0.5).mean() < 0.3  # most samples take a wrong step
+    assert a.stats["reached_goal_B"].all() and (a.finished_BR | (a.lengths_BR == 8)).all()
+    np.testing.assert_allclose(_good_paths(a.tokens_BRT, a.lengths_BR), 0.99)
+    np.testing.assert_allclose(a.rewards_BR, 0.99)
+    np.testing.assert_allclose(a.priorities_BR, np.log(0.99), rtol=1e-6)  # goals are never expanded: f = log r
+    assert int(a.stats["tokens_generated"]) < int(g.stats["tokens_generated"]) / 2  # best-of-8 spends > twice
+    # The answer's log-probs are a teacher-forced forward's: its rows followed it through every pop and insert.
+    np.testing.assert_allclose(a.logprobs_BRT, _teacher_forced(model, params, A_PROMPTS, a.tokens_BRT, a.lengths_BR,
+                                                               TAU), atol=1e-5)
+    s = a.stats
+    assert int(s["kept_tokens"]) == a.lengths_BR.sum() and int(s["overflow"]) == 0
+    assert int(s["scorer_calls"]) == s["expansions"].max() and int(s["model_calls"]) == 1 + int(s["decode_steps"])
+
+
+def test_astar_backtracks_to_older_paths(astar):
+    """A prompt whose search expanded more paths than its answer has steps went down a branch and came back to
+    the frontier (a beam keeps no such paths)."""
+    *_, a, _ = astar
+    tokens_BT, n_B = a.tokens_BRT[:, 0], a.lengths_BR[:, 0]
+    ends_BT = np.isin(tokens_BT, (*DELIMS, 7)) & (np.arange(8) < n_B[:, None])
+    steps_B = ends_BT.sum(-1) + ~ends_BT[np.arange(len(n_B)), n_B - 1]  # a last step cut at the budget counts
+    assert (a.stats["expansions"] >= steps_B).all() and (a.stats["expansions"] > steps_B).any()
+
+
+def test_astar_stops_at_its_token_budget(astar):
+    """Budget 1: one round, then the best path found is returned, unfinished unless its first step finished."""
+    model, params, kw, *_ = astar
+    a = jax.device_get(astar_search(model, params, A_PROMPTS, expand=3, frontier=2, step_token=DELIMS,
+                                    scorer=_good_paths, token_budget=1, **kw))
+    np.testing.assert_array_equal(a.stats["expansions"], 1)
+    goal_B = (a.finished_BR | (a.lengths_BR == 8))[:, 0]  # a finished first step is popped as a goal
+    np.testing.assert_array_equal(a.stats["reached_goal_B"], goal_B)
+    assert not goal_B.all()
+    assert int(a.stats["tokens_generated"]) <= 3 * 8 * len(A_PROMPTS)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw, match", [
     (dict(num_particles=0), "num_particles=0"),
@@ -233,3 +292,16 @@ def test_beam_search_bad_input_fails_naming_the_value(llama, kw, match):
     model, params = llama
     with pytest.raises(ValueError, match=match):
         beam_search(model, params, PROMPTS, **({"beam": 2, "max_new_tokens": 4} | kw))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(expand=0), "expand=0"), (dict(frontier=0), "frontier=0"),
+                                       (dict(token_budget=0), "token_budget=0"),
+                                       (dict(retry_discount=1.5), "retry_discount=1.5"),
+                                       (dict(sampler=Sampler(0.0)), "non-greedy"), (dict(scorer=3), "scorer must"),
+                                       (dict(step_token=()), "at least one delimiter")])
+def test_astar_bad_input_fails_naming_the_value(llama, kw, match):
+    model, params = llama
+    args = dict(expand=2, frontier=2, step_token=5, scorer=lambda t, n: np.full(n.shape, 0.5), token_budget=8,
+                max_new_tokens=4, rng=jax.random.key(0)) | kw
+    with pytest.raises((ValueError, TypeError), match=match):
+        astar_search(model, params, PROMPTS, **args)
