@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m experiments.quickstart
+	$(BIN)/python -m experiments.pipeline
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests

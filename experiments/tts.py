@@ -29,7 +29,7 @@ from lmx.decoding.generate import generate
 from lmx.decoding.latent import SoftThinking, latent_generate
 from lmx.decoding.sampling import Greedy, Sampler
 from lmx.decoding.scaling import best_of_n, majority_vote, run_method
-from lmx.decoding.search import beam_search, particle_filter
+from lmx.decoding.search import astar_search, beam_search, particle_filter
 from lmx.train.checkpoint import Checkpointer
 from lmx.train.loop import cached_optimizer, optim_config, run_setup, train, write_config
 from lmx.train.report import quiet_orbax, write_report
@@ -50,6 +50,7 @@ def define_flags():
 # (method, uses k): scaling.run_method's names, then the search / budget / latent methods.
 METHODS = (("greedy", False), ("majority", True), ("weighted_majority", True), ("best_of_n", True), ("bom", True),
            ("rpc", True), ("ffs", True), ("short_m_at_k", True), ("beam_search", True), ("particle_filter", True),
+           ("astar", True),
            ("budget_forcing", False), ("no_thinking", False), ("soft_thinking", False))
 
 
@@ -134,6 +135,12 @@ def evaluate_methods(cfg, model, params, tok, task, problems, log=logging.info) 
                                       rng=rng, sampler=sampler, stop_tokens=eos, pad_id=tok.pad_id)
                 res = best_of_n(gen, tok, task, scorer=np.asarray(gen.rewards_BR))
                 add(_point(method, k, gen, _scored(task, problems, res), B, hw), t0)
+            elif method == "astar":  # frontier k, 2 children per expansion, at most k·T/2 tokens a problem
+                gen = astar_search(model, params, prompts, expand=2, frontier=k, step_token=tok.encode(";")[0],
+                                   scorer=prefix_scorer(task, problems, tokenizer=tok), token_budget=k * T // 2,
+                                   max_new_tokens=T, rng=rng, sampler=sampler, stop_tokens=eos, pad_id=tok.pad_id)
+                res = majority_vote(gen, tok, task)  # R = 1: the path the search returned
+                add(_point(method, k, gen, _scored(task, problems, res), B, hw), t0)
             elif method == "budget_forcing":  # greedy, thinking capped at each budget; one point per budget
                 for budget in ev.budgets:
                     t0 = time.time()
@@ -187,6 +194,11 @@ def what_we_see(rows: list[dict]) -> list[str]:
                    "token budget: " + "; ".join(
                        f"PF k={p['k']} {p['accuracy']:.3f} at {p['gen_tokens']:.0f} tokens vs BoN k={b['k']} "
                        f"{b['accuracy']:.3f} at {b['gen_tokens']:.0f}" for p, b in near) + ".")
+    astar = [r for r in rows if r["method"] == "astar"]
+    if astar and pf:
+        out.append("A* step search vs particle filtering (both with the process verifier) at equal k: " + "; ".join(
+            f"k={a['k']}: {a['accuracy']:.3f} at {a['gen_tokens']:.0f} tokens vs {p['accuracy']:.3f} at "
+            f"{p['gen_tokens']:.0f}" for a in astar for p in pf if p["k"] == a["k"]) + ".")
     g = _at(rows, "greedy")
     votes = [r for r in rows if r["method"] in ("majority", "weighted_majority", "bom", "rpc") and r["k"]]
     if g and votes:
@@ -221,7 +233,8 @@ def write_study_report(path: Path, rows, meta: dict):
              f"{meta['bom_alpha']:g}, mean-log-prob scorer; weighted majority: mean token prob; short-m@k: m = "
              f"{'ceil(k/2)' if meta['short_m'] == 'half' else meta['short_m']}; beam search: beam = k, best beam; "
              "particle filter: particles = k, exact process verifier (`prefix_scorer`), steps end at ';', answer = "
-             "the final particle of highest reward; budget forcing / NoThinking / soft thinking: greedy",
+             "the final particle of highest reward; A*: frontier k, 2 children per expansion, token budget k·T/2, same "
+             "verifier and steps; budget forcing / NoThinking / soft thinking: greedy",
              "- tokens count everything a method generated (all k samples, pruned beams, dropped particles)",
              f"- wall time {meta['wall_minutes']:.1f} min (evaluation {meta['eval_minutes']:.1f} min)", "",
              "| method | k | accuracy | generated tokens / problem | eFLOPs / problem | seconds |",

@@ -322,11 +322,13 @@ def _step_compiled(model, sampler, stop_tokens, step_tokens, N, max_new_tokens, 
 @flax.struct.dataclass
 class AStarGeneration(Generation):
     """Generation with R = 1: the path each prompt's search returned. stats: Generation's keys, tokens_generated
-    counting every sampled token (all expansions), kept_tokens (Σ lengths_BR), expansions (per prompt, [B]),
-    scorer_calls and reached_goal_B (the path was popped as a goal, not cut off by the budget)."""
+    counting every sampled token (all expansions), kept_tokens (Σ lengths_BR), expansions (all prompts') and
+    scorer_calls."""
 
     rewards_BR: jax.Array  # float32: the scorer's reward for the returned path (clipped into (0, 1))
     priorities_BR: jax.Array  # float32: its priority log r + (times expanded)·log retry_discount
+    expansions_B: jax.Array  # int32: rounds each prompt's search ran
+    reached_goal_B: jax.Array  # bool: the path was popped as a goal (not cut off by the token budget)
 
 
 def astar_search(model, params, prompts, *, expand: int, frontier: int, step_token, scorer, token_budget: int,
@@ -425,9 +427,9 @@ def astar_search(model, params, prompts, *, expand: int, frontier: int, step_tok
                    tokens=pool.tokens, max_len=p.max_len, rollback_window=ROLLBACK, overflow_X=pool.state.overflow_B)
     rows_B = base_BM[:, 0] + K + answer_B
     g = to_generation(gather_rows(pool.record, jnp.asarray(rows_B)), B, stats)
-    stats |= {"kept_tokens": jnp.sum(g.lengths_BR), "expansions": jnp.asarray(expansions_B),
-              "scorer_calls": jnp.int32(calls), "reached_goal_B": jnp.asarray(reached_B)}
+    stats |= {"kept_tokens": jnp.sum(g.lengths_BR), "expansions": jnp.int32(expansions_B.sum()),
+              "scorer_calls": jnp.int32(calls)}
     pick = np.arange(B), answer_B
     return AStarGeneration(g.tokens_BRT, g.lengths_BR, g.logprobs_BRT, g.finished_BR, stats,
-                           jnp.asarray(r_BF[pick][:, None], jnp.float32),
-                           jnp.asarray(f_BF[pick][:, None], jnp.float32))
+                           jnp.asarray(r_BF[pick][:, None], jnp.float32), jnp.asarray(f_BF[pick][:, None], jnp.float32),
+                           jnp.asarray(expansions_B), jnp.asarray(reached_B))

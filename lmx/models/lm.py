@@ -9,6 +9,7 @@ one-kind unit scans its block directly (params under layers/ with a leading L ax
 
 from __future__ import annotations
 
+import importlib
 import operator
 import weakref
 from typing import Any
@@ -112,8 +113,35 @@ BLOCKS = {"attn": AttnBlock, "ssm": SSMBlock}
 
 
 def layer_state_classes(cfg: ModelConfig) -> tuple[type, ...]:
-    """The class of each layer's decode state, in layer_pattern order."""
+    """The class of each layer's decode state, in layer_pattern order (a variant module may define its own)."""
+    variant = variant_module(cfg)
+    if variant is not None and hasattr(variant, "layer_state_classes"):
+        return variant.layer_state_classes(cfg)
     return tuple(BLOCKS[kind].state_class(cfg) for kind in cfg.layer_pattern)
+
+
+# The variants (ModelConfig fields) and the module that builds each. A variant module defines build(cfg) -> a
+# module whose apply has LM's signature and returns an LMOutput; the decoding loops reach it through the pieces'
+# hooks below: `model.decode_forward(params, tokens_BT, state, **forward's keywords)` for `forward`,
+# `model.split_params(params)` for `decode_params`, and the module's `layer_state_classes(cfg)` for `init_state`.
+# Each hook is optional: without it the base LM's piece runs. Every decode-state leaf keeps the batch (one row per
+# sample) on axis 0, so `select` / `repeat` / `truncate` stay generic.
+VARIANTS = {"exits": "lmx.models.early_exit", "parscale": "lmx.models.parscale", "recursion": "lmx.models.recursive"}
+
+
+def variant_module(cfg: ModelConfig):
+    """The module of the one variant cfg turns on (None: the base LM)."""
+    on = [name for name in VARIANTS if getattr(cfg, name) is not None]
+    if len(on) > 1:
+        raise NotImplementedError(f"ModelConfig turns on {on}; combining variants is not supported")
+    if not on:
+        return None
+    try:
+        return importlib.import_module(VARIANTS[on[0]])
+    except ModuleNotFoundError as e:
+        if e.name != VARIANTS[on[0]]:
+            raise
+        raise NotImplementedError(f"ModelConfig.{on[0]} is not implemented yet") from None
 
 
 class Unit(nn.Module):
@@ -248,6 +276,11 @@ def _split(cfg: ModelConfig, params) -> DecodeParams:
     return DecodeParams({k: v for k, v in params.items() if k != "layers"}, tuple(layers))
 
 
+def _split_for(model: nn.Module, params):
+    hook = getattr(model, "split_params", None)
+    return hook(params) if hook is not None else _split(model.cfg, params)
+
+
 _SPLITS: dict = {}  # id of every leaf -> (weak references to the leaves, DecodeParams)
 _MAX_SPLITS = 4
 
@@ -261,14 +294,14 @@ def decode_params(model: nn.Module, params) -> DecodeParams:
         return params
     leaves = jax.tree.leaves(params)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return _split(model.cfg, params)
+        return _split_for(model, params)
     key = (model.cfg, tuple(map(id, leaves)))
     hit = _SPLITS.get(key)
     if hit is not None and all(ref() is x for ref, x in zip(hit[0], leaves, strict=True)):
         return hit[1]
     for k in [k for k, (refs, _) in _SPLITS.items() if any(ref() is None for ref in refs)]:
         del _SPLITS[k]  # entries of params that no longer exist
-    split = _split(model.cfg, params)
+    split = _split_for(model, params)
     try:
         refs = [weakref.ref(x) for x in leaves]
     except TypeError:  # leaves that cannot be weakly referenced (Python scalars): not cached
@@ -333,7 +366,12 @@ def advance(state: DecodeState, layers: tuple, T: int) -> DecodeState:
 
 def forward(model: nn.Module, params: DecodeParams, tokens_BT, state: DecodeState, *, positions_BT=None,
             logits_at_B=None, embeds_BTD=None, use_embeds_BT=None) -> LMOutput:
-    """embed -> every layer with its state -> head: what model.apply computes with a state, on split params."""
+    """embed -> every layer with its state -> head: what model.apply computes with a state, on split params (a
+    variant's own `decode_forward` when it has one)."""
+    hook = getattr(model, "decode_forward", None)
+    if hook is not None:
+        return hook(params, tokens_BT, state, positions_BT=positions_BT, logits_at_B=logits_at_B,
+                    embeds_BTD=embeds_BTD, use_embeds_BT=use_embeds_BT)
     check_tokens(tokens_BT, model.cfg.vocab_size)
     B, T = tokens_BT.shape
     _check_logits_at(logits_at_B, B, T)
@@ -345,13 +383,11 @@ def forward(model: nn.Module, params: DecodeParams, tokens_BT, state: DecodeStat
 
 
 def build(cfg: ModelConfig) -> nn.Module:
-    """The one model factory; variants (early exit, ParScale, recursion) plug in here."""
+    """The one model factory; variants (early exit, ParScale, recursion) plug in here (VARIANTS)."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build expects a ModelConfig, got {type(cfg).__name__}")
-    for name in ("exits", "parscale", "recursion"):
-        if getattr(cfg, name) is not None:
-            raise NotImplementedError(f"ModelConfig.{name} is not implemented yet")
-    return LM(cfg)
+    variant = variant_module(cfg)
+    return LM(cfg) if variant is None else variant.build(cfg)
 
 
 def init_params(model: nn.Module, rng, seq_len: int = 8):

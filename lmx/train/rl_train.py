@@ -214,6 +214,25 @@ def _initial_state(model, optimizer, params, seed: int) -> TrainState:
                           jax.devices()[0])
 
 
+def _eval_streams(cfg, sft_streams) -> list[tuple[int, int, int]]:
+    """The training streams a held-out set must avoid: the SFT run's, and every RL step's prompts (and one step
+    past the end)."""
+    B, rounds = int(cfg.rl.batch_size), int(cfg.rl.dynamic_rounds)
+    return [tuple(s) for s in sft_streams] + [(B * rounds, int(cfg.seed) + DATA_SEED_OFFSET, int(cfg.train.steps) + 1)]
+
+
+def rl_held_out(cfg, run_dir: str | Path, n: int | None = None) -> list:
+    """The held-out problems `train_rl(cfg, run_dir)` evaluates on (without L1 budgets): cfg.eval.num_problems of
+    them (n: that many, drawn the same way), none seen in the SFT run it started from or in any RL step. run_dir:
+    a run train_rl has started (it holds the SFT streams)."""
+    path = Path(run_dir) / "sft_streams.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a started train_rl run")
+    _, task, *_ = run_setup(cfg)
+    n = int(cfg.eval.num_problems) if n is None else n
+    return _held_out(task, _eval_streams(cfg, json.loads(path.read_text())), n, int(cfg.eval.seed))
+
+
 def _held_out(task, streams, n: int, seed: int):
     """`held_out_problems`, but a task too small to leave `n` unseen problems is an error, not an endless loop."""
     seen = {p.prompt for batch_size, stream_seed, steps in streams for step in range(int(steps))
@@ -339,8 +358,8 @@ def train_rl(cfg: ml_collections.ConfigDict, run_dir: str | Path, *, stop_at: in
         n_eval = int(ev.num_problems)
         eval_problems = []
         if n_eval > 0:  # unseen in SFT and in every RL step's prompts
-            streams = [tuple(s) for s in sft_streams] + [(B * rounds, data_seed, total + 1)]
-            eval_problems, eval_budgets = add_budgets(_held_out(task, streams, n_eval, int(ev.seed)),
+            eval_problems, eval_budgets = add_budgets(_held_out(task, _eval_streams(cfg, sft_streams), n_eval,
+                                                                int(ev.seed)),
                                                       np.random.default_rng([int(ev.seed), 1]))
             if eval_budgets is not None:  # evaluate scores the answers; the budgets only shape the prompts
                 logging.info("held-out prompts carry budgets of mean %.1f tokens", float(eval_budgets.mean()))

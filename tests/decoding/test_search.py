@@ -221,7 +221,7 @@ def astar(tiny):
 def test_astar_finds_what_the_scorer_wants_with_fewer_tokens_than_sampling(astar):
     model, params, _, a, g = astar
     assert (_good_paths(g.tokens_BRT, g.lengths_BR) > 0.5).mean() < 0.3  # most samples take a wrong step
-    assert a.stats["reached_goal_B"].all() and (a.finished_BR | (a.lengths_BR == 8)).all()
+    assert a.reached_goal_B.all() and (a.finished_BR | (a.lengths_BR == 8)).all()
     np.testing.assert_allclose(_good_paths(a.tokens_BRT, a.lengths_BR), 0.99)
     np.testing.assert_allclose(a.rewards_BR, 0.99)
     np.testing.assert_allclose(a.priorities_BR, np.log(0.99), rtol=1e-6)  # goals are never expanded: f = log r
@@ -231,7 +231,8 @@ def test_astar_finds_what_the_scorer_wants_with_fewer_tokens_than_sampling(astar
                                                                TAU), atol=1e-5)
     s = a.stats
     assert int(s["kept_tokens"]) == a.lengths_BR.sum() and int(s["overflow"]) == 0
-    assert int(s["scorer_calls"]) == s["expansions"].max() and int(s["model_calls"]) == 1 + int(s["decode_steps"])
+    assert int(s["scorer_calls"]) == a.expansions_B.max() and int(s["expansions"]) == a.expansions_B.sum()
+    assert int(s["model_calls"]) == 1 + int(s["decode_steps"])
 
 
 def test_astar_backtracks_to_older_paths(astar):
@@ -241,7 +242,7 @@ def test_astar_backtracks_to_older_paths(astar):
     tokens_BT, n_B = a.tokens_BRT[:, 0], a.lengths_BR[:, 0]
     ends_BT = np.isin(tokens_BT, (*DELIMS, 7)) & (np.arange(8) < n_B[:, None])
     steps_B = ends_BT.sum(-1) + ~ends_BT[np.arange(len(n_B)), n_B - 1]  # a last step cut at the budget counts
-    assert (a.stats["expansions"] >= steps_B).all() and (a.stats["expansions"] > steps_B).any()
+    assert (a.expansions_B >= steps_B).all() and (a.expansions_B > steps_B).any()
 
 
 def test_astar_stops_at_its_token_budget(astar):
@@ -249,9 +250,9 @@ def test_astar_stops_at_its_token_budget(astar):
     model, params, kw, *_ = astar
     a = jax.device_get(astar_search(model, params, A_PROMPTS, expand=3, frontier=2, step_token=DELIMS,
                                     scorer=_good_paths, token_budget=1, **kw))
-    np.testing.assert_array_equal(a.stats["expansions"], 1)
+    np.testing.assert_array_equal(a.expansions_B, 1)
     goal_B = (a.finished_BR | (a.lengths_BR == 8))[:, 0]  # a finished first step is popped as a goal
-    np.testing.assert_array_equal(a.stats["reached_goal_B"], goal_B)
+    np.testing.assert_array_equal(a.reached_goal_B, goal_B)
     assert not goal_B.all()
     assert int(a.stats["tokens_generated"]) <= 3 * 8 * len(A_PROMPTS)
 
