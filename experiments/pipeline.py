@@ -176,7 +176,7 @@ def write_pipeline_report(path: Path, summary: dict, samples: dict):
 def plot_accuracy_vs_tokens(path: Path, summary: dict):
     """One marker per (policy, method); an arrow per method from before to after RL."""
     plt = study._pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     before, after = summary["policies"]["sft"], summary["policies"]["rl"]
     for i, (a, b) in enumerate(zip(before, after, strict=True)):
         ax.annotate("", xy=(b["gen_tokens"], b["accuracy"]), xytext=(a["gen_tokens"], a["accuracy"]),
@@ -186,7 +186,7 @@ def plot_accuracy_vs_tokens(path: Path, summary: dict):
         ax.scatter(b["gen_tokens"], b["accuracy"], color=f"C{i}", marker="o", label=f"{b['method']}, after RL")
     ax.set(xscale="log", xlabel="generated tokens per problem (all samples)", ylabel="held-out accuracy",
            title="before → after RL")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: points crowd the corners
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
