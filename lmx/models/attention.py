@@ -71,11 +71,29 @@ class KVState:
         K, H = a.num_kv_heads, a.head_dim
         return cls(jnp.zeros((batch, K, H, max_len), dtype), jnp.zeros((batch, K, max_len, H), dtype))
 
+    def write(self, k_BTKH, v_BTKH, lengths_B) -> KVState:
+        """This call's keys and values written at slots lengths_B + t."""
+        return KVState(write_slots(self.k_BKHS, k_BTKH, lengths_B, slot_axis=3),
+                       write_slots(self.v_BKSH, v_BTKH, lengths_B, slot_axis=2))
+
     def commit(self, lengths_B) -> KVState:
         return self
 
     def rollback(self, lengths_B) -> KVState:
         return self
+
+
+def project_kv(cfg: ModelConfig, x_BTD, positions_BT, wk_DKH, wv_DKH, k_bias_KH=None, v_bias_KH=None):
+    """A layer's keys (RoPE-rotated) and values for its normed input x_BTD: what a call writes into the cache.
+    Early-exit decoding calls it alone to fill the KV of layers a token skipped."""
+    a, dt = cfg.attention, jnp.dtype(cfg.dtype)
+    x = x_BTD.astype(dt)
+    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x, wk_DKH.astype(dt))
+    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x, wv_DKH.astype(dt))
+    if k_bias_KH is not None:
+        k_BTKH += k_bias_KH.astype(dt)
+        v_BTKH += v_bias_KH.astype(dt)
+    return apply_rope(k_BTKH, positions_BT, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling)), v_BTKH
 
 
 class Attention(nn.Module):
@@ -95,17 +113,15 @@ class Attention(nn.Module):
         wo = self.param("o", dense_init(N * H, ("heads", "head_dim", "embed")), (N, H, D), pd)
         x = x_BTD.astype(dt)
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
-        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
         if a.qkv_bias:
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
             zeros_kv = nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "head_dim"))
             q_BTNH += self.param("q_bias", zeros, (N, H), pd).astype(dt)
-            k_BTKH += self.param("k_bias", zeros_kv, (K, H), pd).astype(dt)
-            v_BTKH += self.param("v_bias", zeros_kv, (K, H), pd).astype(dt)
-        inv_freq = rope_inv_freq(H, a.rope_theta, a.rope_scaling)
-        q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-        k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+            k_bias, v_bias = (self.param(f"{n}_bias", zeros_kv, (K, H), pd) for n in "kv")
+        else:
+            k_bias = v_bias = None
+        k_BTKH, v_BTKH = project_kv(cfg, x, positions_BT, wk, wv, k_bias, v_bias)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, rope_inv_freq(H, a.rope_theta, a.rope_scaling))
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "heads", "head_dim"))
 
         if state is None:
@@ -114,12 +130,11 @@ class Attention(nn.Module):
             o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
             new_state = None
         else:  # write this call's entries in place, then attend over the layer's cache (slot <= query slot)
-            k_BKHS = write_slots(state.k_BKHS, k_BTKH, lengths_B, slot_axis=3)
-            v_BKSH = write_slots(state.v_BKSH, v_BTKH, lengths_B, slot_axis=2)
-            B, S = x.shape[0], v_BKSH.shape[2]
+            new_state = state.write(k_BTKH, v_BTKH, lengths_B)
+            B, S = x.shape[0], new_state.v_BKSH.shape[2]
             mask = attention_mask(slots_BT, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
                                   window=a.sliding_window)
-            o_BTNH = cached_attention(q_BTNH, k_BKHS.astype(dt), v_BKSH.astype(dt), mask, 1.0 / math.sqrt(H))
-            new_state = KVState(k_BKHS, v_BKSH)
+            o_BTNH = cached_attention(q_BTNH, new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt), mask,
+                                      1.0 / math.sqrt(H))
         # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).
         return o_BTNH.reshape(*o_BTNH.shape[:2], N * H) @ wo.reshape(N * H, D).astype(dt), new_state

@@ -67,13 +67,15 @@ def _norm(cfg: ModelConfig, name: str | None = None) -> RMSNorm:
 
 
 # Every block: (x_BTD, layer_state | None, ctx) -> (x_BTD, layer_state | None), and `state_class(cfg)` names the
-# class of its layer state.
+# class of its layer state. With emit=True (teacher-forced only) a block returns its output in place of the None
+# state, so the scanned stack stacks every layer's output (early exits read them).
 
 
 class AttnBlock(nn.Module):
     """Pre-norm attention + SwiGLU block; its layer state is a KVState."""
 
     cfg: ModelConfig
+    emit: bool = False
 
     @staticmethod
     def state_class(cfg: ModelConfig):
@@ -86,13 +88,15 @@ class AttnBlock(nn.Module):
                                                    state, ctx.lengths_B, ctx.segment_ids_BT)
         x_BTD = x_BTD + y_BTD
         x_BTD = x_BTD + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BTD))
-        return nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed")), state
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
+        return x_BTD, (x_BTD if self.emit and state is None else state)
 
 
 class SSMBlock(nn.Module):
     """Pre-norm residual SSM mixer (no MLP), Mamba-2 or Mamba-3 by cfg.ssm.variant."""
 
     cfg: ModelConfig
+    emit: bool = False
 
     @staticmethod
     def state_class(cfg: ModelConfig):
@@ -106,7 +110,8 @@ class SSMBlock(nn.Module):
                                                                                      ctx.segment_ids_BT)
         else:
             y_BTD, state = Mamba2Mixer(self.cfg, name="mixer")(h_BTD, state, ctx.lengths_B, ctx.segment_ids_BT)
-        return nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed")), state
+        x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ("batch", "seq", "embed"))
+        return x_BTD, (x_BTD if self.emit and state is None else state)
 
 
 BLOCKS = {"attn": AttnBlock, "ssm": SSMBlock}
@@ -149,12 +154,13 @@ class Unit(nn.Module):
 
     cfg: ModelConfig
     kinds: tuple[str, ...]
+    emit: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, _, ctx):
         for i, kind in enumerate(self.kinds):
             x_BTD, _ = BLOCKS[kind](self.cfg, name=f"{kind}_{i}")(x_BTD, None, ctx)
-        return x_BTD, None
+        return x_BTD, (x_BTD if self.emit else None)
 
 
 class LM(nn.Module):
@@ -190,7 +196,8 @@ class LM(nn.Module):
         x_BTD = _with_embeds(embed(tokens_BT), embeds_BTD, use_embeds_BT)
         ctx = make_ctx(jnp.zeros((B,), jnp.int32), T, positions_BT, segment_ids_BT)
         unit = repeating_unit(cfg.layer_pattern)
-        block, args = (BLOCKS[unit[0]], (cfg,)) if len(unit) == 1 else (Unit, (cfg, unit))
+        emit = cfg.exits is not None  # the stack also returns each unit's output, for the exit heads
+        block, args = (BLOCKS[unit[0]], (cfg, emit)) if len(unit) == 1 else (Unit, (cfg, unit, emit))
         stack = nn.scan(
             nn.remat(block, prevent_cse=False) if cfg.remat else block,
             variable_axes={"params": 0},
@@ -199,19 +206,25 @@ class LM(nn.Module):
             length=cfg.num_layers // len(unit),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(*args, name="layers")
-        x_BTD = stack(x_BTD, None, ctx)[0]
-        h_BTD = _norm(cfg, "final_norm")(x_BTD)
-        head_BTD = _rows_at(h_BTD, logits_at_B)
+        x_BTD, layer_outputs = stack(x_BTD, None, ctx)
+        final_norm = _norm(cfg, "final_norm")
+        h_BTD = final_norm(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = embed.attend(head_BTD)
+            project = embed.attend
         else:
             w_DV = self.param("lm_head", dense_init(cfg.d_model, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
                               jnp.dtype(cfg.param_dtype))
-            logits_BTV = head_BTD @ w_DV.astype(jnp.dtype(cfg.dtype))
+            project = lambda h: h @ w_DV.astype(jnp.dtype(cfg.dtype))  # noqa: E731
+        logits_BTV = project(_rows_at(h_BTD, logits_at_B))
+        aux = {"hidden_BTD": h_BTD}
+        if emit:
+            from lmx.models.early_exit import exit_heads
+
+            aux |= exit_heads(cfg, layer_outputs, final_norm, lambda h: project(_rows_at(h, logits_at_B)))
         if state is not None:  # initialising with a state: the params exist now
             return forward(self, _split(cfg, self.variables["params"]), tokens_BT, state, positions_BT=positions_BT,
                            logits_at_B=logits_at_B, embeds_BTD=embeds_BTD, use_embeds_BT=use_embeds_BT)
-        return LMOutput(logits_BTV.astype(jnp.float32), None, {"hidden_BTD": h_BTD})
+        return LMOutput(logits_BTV.astype(jnp.float32), None, aux)
 
 
 def _check_logits_at(logits_at_B, B: int, T: int):
