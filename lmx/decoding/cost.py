@@ -53,8 +53,20 @@ def _mamba3_layer_params(cfg: ModelConfig) -> int:
     return proj_in + 2 * N + 2 * Z + 2 * N * R * Z + mimo + N * H + N * H * D + D
 
 
+def _streams(cfg: ModelConfig) -> tuple[int, int]:
+    """(P, prefix tokens per stream) of a ParScale model; (1, 0) otherwise."""
+    ps = cfg.parscale
+    return (1, 0) if ps is None or ps.P == 1 else (ps.P, ps.n_prefix)
+
+
 def param_count(cfg: ModelConfig) -> int:
-    """Exact number of parameters of `lmx.models.build(cfg)` (attention, SSM and hybrid layer patterns)."""
+    """Exact number of parameters of `lmx.models.build(cfg)` (attention, SSM and hybrid layer patterns; a
+    recursive model's own count). ParScale's prefixes and aggregation are not counted: they are few and, being
+    activations' keys, cost FLOPs as context (forward_flops)."""
+    if cfg.recursion is not None:
+        from lmx.models.recursive import param_count as recursive_count
+
+        return recursive_count(cfg)
     a = cfg.attention
     D, N, K, H, F, V = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim, cfg.vocab_size
     attn = D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0)
@@ -86,17 +98,27 @@ def _keys_before(cfg: ModelConfig, n):
 
 
 def forward_flops(cfg: ModelConfig, start, stop):
-    """Forward FLOPs to process positions [start, stop) of one sequence (elementwise over arrays)."""
+    """Forward FLOPs to process positions [start, stop) of one sequence (elementwise over arrays). A recursive
+    model decodes its N merged depths, so the N-layer figure holds. ParScale (P > 1): the layers run for P streams,
+    each position also attends to the stream's prefix, and the aggregation adds 2·(P·D·D + D·P) per token; the
+    final norm and head run once."""
     a = cfg.attention
     n_tokens = jnp.asarray(stop, jnp.float32) - jnp.asarray(start, jnp.float32)
     keys = _keys_before(cfg, stop) - _keys_before(cfg, start)
-    return 2.0 * matmul_params(cfg) * n_tokens + 4.0 * cfg.num_attn_layers * a.num_heads * a.head_dim * keys
+    P, n = _streams(cfg)
+    if P == 1:
+        return 2.0 * matmul_params(cfg) * n_tokens + 4.0 * cfg.num_attn_layers * a.num_heads * a.head_dim * keys
+    D = cfg.d_model
+    head = D * cfg.vocab_size + D
+    layers = 2.0 * (matmul_params(cfg) - head) * n_tokens + 4.0 * cfg.num_attn_layers * a.num_heads * a.head_dim * (
+        keys + n * n_tokens)
+    return P * layers + (2.0 * head + 2.0 * (P * D * D + D * P)) * n_tokens
 
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
-    """Bytes one position occupies in the KV cache (all attention layers, k and v)."""
+    """Bytes one position occupies in the KV cache (all attention layers, k and v; all P ParScale streams)."""
     a = cfg.attention
-    return 2 * cfg.num_attn_layers * a.num_kv_heads * a.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return _streams(cfg)[0] * 2 * cfg.num_attn_layers * a.num_kv_heads * a.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
 def ssm_state_bytes_per_row(cfg: ModelConfig, rollback_window: int | None = None) -> int:

@@ -152,6 +152,26 @@ class Forcing(Protocol):
     def __call__(self, state, record: Record, logits_XV: jax.Array, draw) -> tuple[Any, jax.Array]: ...
 
 
+class Stepper(Protocol):
+    """A replacement for generate's one-token decode step (early-exit decoding): a frozen dataclass (hashable:
+    part of the compile-cache key) with an accumulator pytree that rides in the loop carry.
+
+    check(cfg): host side, before tracing; raise ValueError naming a bad value.
+    init(cfg, X) -> acc: the accumulators for X rows.
+    __call__(model, params, tokens_X, state, acc, alive_X) -> (logits_XV, state, acc): feed each row its last
+      token (as `decode_step`); alive_X marks rows that still take tokens.
+    stats(cfg, stats, acc, lengths_B) -> stats: generate's stats (`sequential_stats`, full-depth FLOPs), amended.
+    """
+
+    def check(self, cfg) -> None: ...
+
+    def init(self, cfg, X: int) -> Any: ...
+
+    def __call__(self, model, params, tokens_X, state, acc, alive_X) -> tuple[jax.Array, Any, Any]: ...
+
+    def stats(self, cfg, stats: dict, acc, lengths_B) -> dict: ...
+
+
 def gather_rows(tree, idx_X):
     """Rows idx_X (axis 0) of every leaf — a Record, logits, per-row ids — as `select` gathers the decode state:
     the loops that branch or reorder rows (tree rollouts, beam search, particle resampling) move both together."""
@@ -328,7 +348,7 @@ def generate(
     sampler: Greedy | Sampler = Greedy(),  # noqa: B008 (frozen dataclasses: immutable defaults)
     stop_tokens=(), rng=None, num_samples: int = 1,
     stop_when=AllFinished(),  # noqa: B008
-    max_len: int | None = None, pad_id: int = 0, forcing: Forcing | None = None,
+    max_len: int | None = None, pad_id: int = 0, forcing: Forcing | None = None, stepper: Stepper | None = None,
 ) -> Generation:
     """Sample `num_samples` continuations of each prompt, up to `max_new_tokens` tokens each.
 
@@ -343,6 +363,8 @@ def generate(
       max_seq_len).
     forcing: None, or a `Forcing` policy that may mask or replace each step's token (e.g.
       lmx.decoding.budget.BudgetForcing); None runs exactly the unforced program.
+    stepper: None, or a `Stepper` that replaces the one-token decode step (e.g.
+      lmx.decoding.early_exit.EarlyExit); None runs exactly the plain program.
 
     One jit call; compilations are cached on (model, sampler, stop tokens, num_samples, stop_when,
     max_new_tokens, max_len, pad_id, forcing) and the padded shapes. The params are split per layer once per
@@ -352,19 +374,26 @@ def generate(
                 rng=rng, num_samples=num_samples, stop_when=stop_when, max_len=max_len, pad_id=pad_id)
     if forcing is not None:
         _check_forcing(forcing, model.cfg.vocab_size, p.max_new_tokens)
+    if stepper is not None:
+        _check_hashable("stepper", stepper, ("check", "init", "__call__", "stats"))
+        stepper.check(model.cfg)
     fn = _compiled(model, sampler, p.stop_tokens, p.num_samples, stop_when, p.max_new_tokens, p.max_len, p.pad_id,
-                   forcing)
+                   forcing, stepper)
     return fn(decode_params(model, params), p.tokens_BT, p.lengths_B, jax.random.key(0) if rng is None else rng)
 
 
-def _check_forcing(forcing, vocab_size: int, max_new_tokens: int):
-    if not all(callable(getattr(forcing, name, None)) for name in ("check", "init", "__call__")):
-        raise TypeError(f"forcing must be a Forcing policy (check, init, __call__), got {forcing!r:.80}")
+def _check_hashable(what: str, policy, methods: tuple[str, ...]):
+    if not all(callable(getattr(policy, name, None)) for name in methods):
+        raise TypeError(f"{what} must have {', '.join(methods)}, got {policy!r:.80}")
     try:
-        hash(forcing)
+        hash(policy)
     except TypeError:
-        raise TypeError(f"forcing must be hashable (a frozen dataclass; it keys the compile cache), got "
-                        f"{forcing!r:.80}") from None
+        raise TypeError(f"{what} must be hashable (a frozen dataclass; it keys the compile cache), got "
+                        f"{policy!r:.80}") from None
+
+
+def _check_forcing(forcing, vocab_size: int, max_new_tokens: int):
+    _check_hashable("forcing", forcing, ("check", "init", "__call__"))
     forcing.check(vocab_size, max_new_tokens)
 
 
@@ -372,7 +401,8 @@ _trace_count = 0  # bumped each time the program is traced; tests use it to prov
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_tokens, max_len, pad_id, forcing=None):
+def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_tokens, max_len, pad_id, forcing=None,
+              stepper=None):
     cfg, R = model.cfg, num_samples
     stop_S = np.array(stop_tokens, np.int32)
 
@@ -409,18 +439,24 @@ def _compiled(model, sampler, stop_tokens, num_samples, stop_when, max_new_token
                                                    policy_state)
 
         def body(carry):
-            step, state, last_X, record, policy_state = carry
+            step, state, last_X, record, policy_state, step_state = carry
             # Finished rows are fed too (static shapes); `append` ignores what they sample.
-            logits_XV, state = decode_step(model, params, last_X, state)
+            if stepper is None:
+                logits_XV, state = decode_step(model, params, last_X, state)
+            else:
+                logits_XV, state, step_state = stepper(model, params, last_X, state, step_state, record.alive())
             record, last_X, policy_state = sample_into(record, logits_XV, jax.random.fold_in(rng, step),
                                                        policy_state)
-            return step + 1, state, last_X, record, policy_state
+            return step + 1, state, last_X, record, policy_state, step_state
 
         cond = lambda carry: keep_going(carry[3], stop_when, B)
-        step, state, _, record, _ = jax.lax.while_loop(
-            cond, body, (jnp.int32(1), repeat(state, R), last_X, record, policy_state))
+        step_state = () if stepper is None else stepper.init(cfg, X)
+        step, state, _, record, _, step_state = jax.lax.while_loop(
+            cond, body, (jnp.int32(1), repeat(state, R), last_X, record, policy_state, step_state))
 
         stats = sequential_stats(cfg, lengths_B, R, record, step, max_len, state.overflow_B)
+        if stepper is not None:
+            stats = stepper.stats(cfg, stats, step_state, lengths_B)
         return to_generation(record, B, stats)
 
     return jax.jit(run)

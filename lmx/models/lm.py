@@ -350,10 +350,11 @@ def run_layers(model: nn.Module, params: DecodeParams, x_BTD, states, ctx: Ctx, 
     return x_BTD, None if states is None else tuple(new)
 
 
-def head(model: nn.Module, params: DecodeParams, x_BTD, logits_at_B=None):
-    """Final norm + LM head: (logits_BTV float32, the final-normed h_BTD). logits_at_B as in LM.__call__."""
+def head(model: nn.Module, params: DecodeParams, x_BTD, logits_at_B=None, norm: str = "final_norm"):
+    """Final norm + LM head: (logits_BTV float32, the final-normed h_BTD). logits_at_B as in LM.__call__; norm:
+    the params of another norm to use (an early exit's own)."""
     cfg = model.cfg
-    h_BTD = _norm(cfg).apply({"params": params.rest["final_norm"]}, x_BTD)
+    h_BTD = _norm(cfg).apply({"params": params.rest[norm]}, x_BTD)
     head_BTD = _rows_at(h_BTD, logits_at_B)
     if cfg.tie_embeddings:
         logits_BTV = Embed(cfg).apply({"params": params.rest["embed"]}, head_BTD, method=Embed.attend)

@@ -1,0 +1,162 @@
+"""Early-exit decoding (CALM, arXiv 2207.07061) inside generate's jitted loop, for models with exits
+(`lmx.models.early_exit.ExitConfig`).
+
+`generate(..., stepper=EarlyExit(measure, threshold))` (or `early_exit_generate`) replaces the one-token decode
+step: the token runs through the layers up to the first exit; where the exit is confident enough the row takes its
+logits, and its state is pinned: every later layer sees the exited hidden state as its input, so the KV those
+layers store for this position comes from it, as CALM fills skipped layers (later tokens can attend to them).
+When every live row has exited, the remaining layers do not run at all (a `lax.cond`): only their key/value
+projections of the pinned state are computed and written. Confidence at an exit (exit when ≥ threshold):
+- "softmax": top-1 minus top-2 probability of the exit's softmax, in [0, 1];
+- "state": cosine between the residual stream at this exit and at the previous one (the input embedding for the
+  first exit), in [-1, 1]: the hidden state has saturated;
+- "gate": the exit's learned JEI-DNN gate g = sigmoid(w·h + b), in [0, 1] (needs ExitConfig(gates=True)).
+Prefill runs the full depth. Rows that exit while others go on are still computed (static shapes) but pinned, so
+each row's tokens are what it would produce alone: batch 1 skips the most.
+
+stats: generate's, with flops counting only the layers, heads and KV projections that ran, plus layers_per_token
+(the depth each generated token exited at, averaged), executed_layers_per_call (layers actually run per decode
+call), early_exit_fraction (tokens that exited before the full depth) and flops_saved (full-depth decode FLOPs −
+flops). Bytes stats stay those of the full depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from lmx.decoding import cost
+from lmx.decoding.generate import generate
+from lmx.models.attention import project_kv
+from lmx.models.early_exit import CONFIDENCE_MEASURES, check, gate
+from lmx.models.lm import _norm, advance, embed, head, make_ctx, run_layers
+
+RANGES = {"softmax": (0.0, 1.0), "state": (-1.0, 1.0), "gate": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class EarlyExit:
+    """generate's stepper for early-exit decoding (module docstring)."""
+
+    measure: str = "softmax"
+    threshold: float = 0.9
+
+    def check(self, cfg):
+        if self.measure not in CONFIDENCE_MEASURES:
+            raise ValueError(f"measure={self.measure!r} must be one of {CONFIDENCE_MEASURES}")
+        lo, hi = RANGES[self.measure]
+        if not lo <= self.threshold <= hi:  # NaN fails too
+            raise ValueError(f"threshold={self.threshold!r} is outside [{lo:g}, {hi:g}], the range of the "
+                             f"{self.measure!r} confidence")
+        if cfg.exits is None:
+            raise ValueError("early-exit decoding needs a model with exits (ModelConfig.exits = ExitConfig(...))")
+        e = check(cfg)
+        if self.measure == "gate" and not e.gates:
+            raise ValueError("measure='gate' needs exit gates: ExitConfig(..., gates=True)")
+        ssm = [l for l in range(e.layers[0], cfg.num_layers) if cfg.layer_pattern[l] != "attn"]
+        if ssm:
+            raise ValueError(f"layers {ssm} after the first exit are SSM layers: early-exit decoding fills skipped "
+                             "layers' state from the exited hidden state, which only attention layers support")
+
+    def init(self, cfg, X: int):
+        zero_i, zero_f = jnp.int32(0), jnp.float32(0)
+        return {"depth_sum": zero_f, "tokens": zero_i, "early": zero_i, "executed": zero_i, "calls": zero_i,
+                "flops": zero_f}
+
+    def __call__(self, model, params, tok_X, state, acc, alive_X):
+        cfg = model.cfg
+        bounds = (0, *cfg.exits.layers, cfg.num_layers)
+        E = len(bounds) - 2
+        ctx = make_ctx(state.lengths_B, 1)
+        x_X1D = embed(model, params, tok_X[:, None])
+        X, V = tok_X.shape[0], cfg.vocab_size
+        pinned = lambda mask_X, a, b: jnp.where(mask_X.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+
+        def segment(s, c):
+            """Layers [bounds[s], bounds[s+1]) for every row (exited rows pinned), then exit s or the final head."""
+            layers, x = list(c["layers"]), c["x"]
+            for l in range(bounds[s], bounds[s + 1]):
+                x, (layers[l],) = run_layers(model, params, pinned(c["exited"], c["pin"], x), (layers[l],), ctx, l,
+                                             l + 1)
+            c = c | {"x": x, "layers": tuple(layers), "executed": c["executed"] + bounds[s + 1] - bounds[s],
+                     "heads": c["heads"] + 1}
+            if s == E:
+                logits_XV = head(model, params, x)[0][:, 0]
+                return c | {"logits": pinned(c["exited"], c["logits"], logits_XV)}
+            norm = f"exit_norm_{s}" if cfg.exits.per_exit_norm else "final_norm"
+            logits_X1V, h_X1D = head(model, params, x, norm=norm)
+            conf_X = self._confidence(params, s, logits_X1V[:, 0], h_X1D[:, 0], x[:, 0], c["prev"][:, 0])
+            newly_X = ~c["exited"] & (conf_X >= self.threshold)
+            c = c | {"logits": pinned(newly_X, logits_X1V[:, 0], c["logits"]),
+                     "depth": jnp.where(newly_X, bounds[s + 1], c["depth"]), "pin": pinned(newly_X, x, c["pin"]),
+                     "exited": c["exited"] | newly_X, "prev": x}
+            return jax.lax.cond(jnp.all(c["exited"]), lambda c: fill(s + 1, c), lambda c: segment(s + 1, c), c)
+
+        def fill(s, c):
+            """Every row has exited: the layers from bounds[s] on only store K/V of each row's pinned state."""
+            layers = list(c["layers"])
+            for l in range(bounds[s], cfg.num_layers):
+                p = params.layers[l]
+                h_X1D = _norm(cfg).apply({"params": p["attn_norm"]}, c["pin"])
+                a = p["attn"]
+                k, v = project_kv(cfg, h_X1D, ctx.positions_BT, a["k"], a["v"], a.get("k_bias"), a.get("v_bias"))
+                layers[l] = layers[l].write(k, v, ctx.lengths_B)
+            return c | {"layers": tuple(layers), "filled": c["filled"] + cfg.num_layers - bounds[s]}
+
+        zero = jnp.int32(0)
+        c = segment(0, {"x": x_X1D, "layers": state.layers, "exited": ~alive_X, "pin": x_X1D,
+                        "logits": jnp.zeros((X, V), jnp.float32), "depth": jnp.full((X,), cfg.num_layers, jnp.int32),
+                        "prev": x_X1D, "executed": zero, "heads": zero, "filled": zero})
+        n_live = jnp.sum(alive_X, dtype=jnp.int32)
+        acc = {"depth_sum": acc["depth_sum"] + jnp.sum(jnp.where(alive_X, c["depth"], 0), dtype=jnp.float32),
+               "tokens": acc["tokens"] + n_live,
+               "early": acc["early"] + jnp.sum(alive_X & (c["depth"] < cfg.num_layers), dtype=jnp.int32),
+               "executed": acc["executed"] + c["executed"], "calls": acc["calls"] + 1,
+               "flops": acc["flops"] + jnp.sum(jnp.where(alive_X, _step_flops(cfg, c, state.lengths_B), 0.0))}
+        return c["logits"], advance(state, c["layers"], 1), acc
+
+    def _confidence(self, params, e, logits_XV, h_XD, x_XD, prev_XD):
+        if self.measure == "softmax":
+            top_X2 = jax.lax.top_k(jax.nn.softmax(logits_XV), 2)[0]
+            return top_X2[:, 0] - top_X2[:, 1]
+        if self.measure == "state":
+            x, p = x_XD.astype(jnp.float32), prev_XD.astype(jnp.float32)
+            return jnp.sum(x * p, -1) / jnp.maximum(jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(p, axis=-1), 1e-12)
+        g = params.rest[f"exit_gate_{e}"]
+        return gate(h_XD.astype(jnp.float32)[:, None] @ g["kernel"] + g["bias"])[:, 0]
+
+    def stats(self, cfg, stats, acc, lengths_B):
+        flops = jnp.sum(cost.forward_flops(cfg, 0, lengths_B)) + acc["flops"]  # the prefill runs the full depth
+        tokens = jnp.maximum(acc["tokens"], 1)
+        return stats | {"flops": flops, "flops_per_token": flops / jnp.maximum(stats["tokens_generated"], 1),
+                        "flops_saved": stats["flops"] - flops, "layers_per_token": acc["depth_sum"] / tokens,
+                        "executed_layers_per_call": acc["executed"] / jnp.maximum(acc["calls"], 1),
+                        "early_exit_fraction": acc["early"] / tokens}
+
+
+def _layer_flops(cfg):
+    """(matmul FLOPs of one attention layer per token, of the LM head, of one layer's K/V projections,
+    attention FLOPs per layer per attended key)."""
+    a = cfg.attention
+    D, N, K, H, F = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim
+    layer = D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0) + 3 * D * F + 2 * D
+    return 2.0 * layer, 2.0 * (D * cfg.vocab_size + D), 2.0 * 2 * D * K * H, 4.0 * N * H
+
+
+def _step_flops(cfg, c, lengths_X):
+    """FLOPs of one early-exit decode call per row: the layers run (with attention over the row's keys), the
+    heads evaluated, the K/V projections of filled layers."""
+    layer, head_f, kv, per_key = _layer_flops(cfg)
+    w = cfg.attention.sliding_window
+    keys_X = (lengths_X + 1).astype(jnp.float32) if w is None else jnp.minimum(lengths_X + 1, w).astype(jnp.float32)
+    return (c["executed"] * (layer + per_key * keys_X) + c["heads"] * head_f + c["filled"] * kv).astype(jnp.float32)
+
+
+def early_exit_generate(model, params, prompts, *, measure: str = "softmax", threshold: float = 0.9, **kwargs):
+    """`generate(model, params, prompts, stepper=EarlyExit(measure, threshold), **kwargs)`."""
+    if not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold={threshold!r} must be finite")
+    return generate(model, params, prompts, stepper=EarlyExit(measure, float(threshold)), **kwargs)
