@@ -36,6 +36,8 @@ class ExitConfig:
     per_exit_norm: bool = False
     gates: bool = False
     loss_weight: float = 1.0
+    loss: str = "layerskip"  # the SFT loss `exit_loss` gives: "layerskip" or "jei" (needs gates)
+    cost_weight: float = 0.1  # JEI-DNN's λ
 
     def __post_init__(self):
         try:
@@ -48,6 +50,10 @@ class ExitConfig:
         object.__setattr__(self, "layers", layers)
         if not 0 <= self.loss_weight < float("inf"):
             raise ValueError(f"exits.loss_weight={self.loss_weight!r} must be finite and >= 0")
+        if self.loss not in ("layerskip", "jei"):
+            raise ValueError(f"exits.loss={self.loss!r} must be 'layerskip' or 'jei'")
+        if self.loss == "jei" and not self.gates:
+            raise ValueError("exits.loss='jei' needs gates=True (JEI-DNN trains the exit gates)")
 
 
 def check(cfg: ModelConfig) -> ExitConfig:
@@ -164,3 +170,8 @@ def make_jei_loss(cost_weight: float):
                                                    "ce_final": (ce_EBT[-1] * mask_BT).sum() / denom}
 
     return loss_fn
+
+
+def exit_loss(exits: ExitConfig):
+    """The SFT LossFn of a model with these exits: LayerSkip's, or JEI-DNN's with λ = exits.cost_weight."""
+    return layerskip_loss if exits.loss == "layerskip" else make_jei_loss(exits.cost_weight)

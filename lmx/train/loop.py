@@ -26,16 +26,20 @@ from tqdm.auto import tqdm
 
 from lmx.data import CharTokenizer, batches, get_task
 from lmx.models import ModelConfig, build, preset
+from lmx.models.early_exit import ExitConfig, exit_loss
+from lmx.models.parscale import ParScaleConfig
+from lmx.models.recursive import RecursionConfig
 from lmx.sharding import make_mesh
 from lmx.train.checkpoint import Checkpointer
 from lmx.train.metrics import MetricsWriter, read_metrics, truncate_jsonl
 from lmx.train.optim import OptimConfig, lr_schedule, make_optimizer
-from lmx.train.sft import evaluate, make_train_step
+from lmx.train.sft import evaluate, make_train_step, sft_loss
 from lmx.train.state import TrainState, abstract_state
 
 ATTENTION_FIELDS = {f.name for f in dataclasses.fields(ModelConfig().attention)}
 SAMPLES_FILE = "eval_samples.jsonl"
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"attention"}
+VARIANT_CONFIGS = {"exits": ExitConfig, "parscale": ParScaleConfig, "recursion": RecursionConfig}
 
 
 @dataclass
@@ -60,6 +64,9 @@ def model_config(cfg_model, vocab_size: int) -> ModelConfig:
     base = preset(cfg_model.get("preset", "llama-tiny"))
     attn = dataclasses.replace(base.attention, **{k: v for k, v in overrides.items() if k in ATTENTION_FIELDS})
     top = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if k in MODEL_FIELDS}
+    for name, v in top.items():  # a variant given as a dict (config files, config.json) becomes its config class
+        if name in VARIANT_CONFIGS and isinstance(v, dict | ml_collections.ConfigDict):
+            top[name] = VARIANT_CONFIGS[name](**as_dict(v))
     if top.get("num_layers", base.num_layers) != base.num_layers and "layer_pattern" not in top:
         # The preset's pattern has the preset's depth; a uniform one is re-derived for the new depth.
         if len(set(base.layer_pattern)) > 1:
@@ -93,7 +100,9 @@ def run_setup(cfg):
 
 @functools.lru_cache(maxsize=8)
 def _train_step(model_cfg: ModelConfig, opt_cfg: OptimConfig, mesh):
-    return make_train_step(build(model_cfg), cached_optimizer(opt_cfg), mesh, lr_fn=lr_schedule(opt_cfg))
+    loss_fn = sft_loss if model_cfg.exits is None else exit_loss(model_cfg.exits)  # exits train with their loss
+    return make_train_step(build(model_cfg), cached_optimizer(opt_cfg), mesh, loss_fn=loss_fn,
+                           lr_fn=lr_schedule(opt_cfg))
 
 
 def write_config(cfg, run_dir: Path, resume_step: int):
