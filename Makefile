@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.pipeline
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.decode

@@ -1,6 +1,15 @@
-import pytest
+import os
 
-from tests.tiny import tiny_model
+# Compile time dominates this suite (hundreds of small XLA:CPU programs, most of which then run for milliseconds),
+# and much of it is LLVM's optimiser. At backend optimisation level 0 the same programs compile in about 60% of the
+# CPU time (tests/models/test_hybrid.py's cached-decode tests: 111 s -> 68 s) and compute the same values; they
+# run slower, which no test measures (speed is measured in benchmarks/, with XLA's defaults). Set before jax is
+# imported; subprocess tests (tests/fake_devices.py) pass it on.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+import pytest  # noqa: E402
+
+from tests.tiny import tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

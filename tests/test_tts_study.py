@@ -14,7 +14,8 @@ def tiny_config():
                       "head_dim": 16, "max_seq_len": 32})
     cfg.sft.train.update({"steps": 2, "batch_size": 4, "seq_len": 24, "ckpt_every": 2})
     cfg.eval.update({"num_problems": 4, "max_new_tokens": 12, "ks": (2,), "budgets": (4,),
-                     "max_k": {"rpc": 1}})  # one k: fewer compiles; rpc cut by max_k
+                     "max_k": {"rpc": 1},  # one k: fewer compiles; rpc cut by max_k
+                     "skip": "particle_filter,astar"})  # each compiles its own loop; tested in tests/decoding
     return cfg
 
 
@@ -23,7 +24,8 @@ def test_study_writes_summary_report_and_plots(tmp_path):
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert all(set(r) == {"method", "k", "accuracy", "gen_tokens", "eflops"} for r in rows)
     names = {r["method"] for r in rows}
-    assert names == {m for m, _ in METHODS} - {"budget_forcing", "rpc"} | {"budget_forcing@4"}
+    assert names == {m for m, _ in METHODS} - {"budget_forcing", "rpc", "particle_filter", "astar"} | {
+        "budget_forcing@4"}
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["gen_tokens"] > 0 and r["eflops"] > 0
     by = {(r["method"], r["k"]): r for r in rows}

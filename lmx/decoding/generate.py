@@ -375,16 +375,16 @@ def generate(
     if forcing is not None:
         _check_forcing(forcing, model.cfg.vocab_size, p.max_new_tokens)
     if stepper is not None:
-        _check_hashable("stepper", stepper, ("check", "init", "__call__", "stats"))
+        _check_hashable("stepper", stepper, ("check", "init", "__call__", "stats"), "Stepper")
         stepper.check(model.cfg)
     fn = _compiled(model, sampler, p.stop_tokens, p.num_samples, stop_when, p.max_new_tokens, p.max_len, p.pad_id,
                    forcing, stepper)
     return fn(decode_params(model, params), p.tokens_BT, p.lengths_B, jax.random.key(0) if rng is None else rng)
 
 
-def _check_hashable(what: str, policy, methods: tuple[str, ...]):
+def _check_hashable(what: str, policy, methods: tuple[str, ...], kind: str):
     if not all(callable(getattr(policy, name, None)) for name in methods):
-        raise TypeError(f"{what} must have {', '.join(methods)}, got {policy!r:.80}")
+        raise TypeError(f"{what} must be a {kind} ({', '.join(methods)}), got {policy!r:.80}")
     try:
         hash(policy)
     except TypeError:
@@ -393,7 +393,7 @@ def _check_hashable(what: str, policy, methods: tuple[str, ...]):
 
 
 def _check_forcing(forcing, vocab_size: int, max_new_tokens: int):
-    _check_hashable("forcing", forcing, ("check", "init", "__call__"))
+    _check_hashable("forcing", forcing, ("check", "init", "__call__"), "Forcing policy")
     forcing.check(vocab_size, max_new_tokens)
 
 
