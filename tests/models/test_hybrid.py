@@ -65,7 +65,11 @@ def _tokens(seed, shape=(3, TOTAL)):
     return jnp.asarray(np.random.default_rng(seed).integers(1, 128, shape), jnp.int32)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The mixed stacks (and Mamba-3 MIMO): their SSM layers run the same Mamba-2 / Mamba-3 layer code as the pure
+# stacks, next to attention layers. The pure stacks are left out here to keep the suite inside its time budget;
+# their cached decode is checked elsewhere: mamba3-tiny's by test_generate_matches_teacher_forced_greedy below,
+# Mamba-2's greedy generation against transformers (tests/models/test_hf_mamba2.py).
+@pytest.mark.parametrize("name", ["hybrid-tiny", "mamba3-mimo", "hybrid-mamba3"])
 def test_cached_decode_equals_teacher_forced(name):
     cfg, model, params, apply = _model(name)
     p = {"params": params}
