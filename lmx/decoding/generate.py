@@ -367,7 +367,7 @@ def generate(
       lmx.decoding.early_exit.EarlyExit); None runs exactly the plain program.
 
     One jit call; compilations are cached on (model, sampler, stop tokens, num_samples, stop_when,
-    max_new_tokens, max_len, pad_id, forcing) and the padded shapes. The params are split per layer once per
+    max_new_tokens, max_len, pad_id, forcing, stepper) and the padded shapes. The params are split per layer once per
     params object (lmx.models.decode_params), not per call.
     """
     p = prepare(model.cfg, prompts, max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens,
