@@ -25,7 +25,7 @@ from lmx.data import CharTokenizer, get_task
 from lmx.data.tasks import format_target
 from lmx.train import rewards as rw
 from lmx.train.loop import as_dict, train, write_config
-from lmx.train.report import quiet_orbax, write_report
+from lmx.train.report import pyplot, quiet_orbax, sample_rows, write_report
 from lmx.train.rl_train import (
     make_reward_fn,
     needs_reference_stats,
@@ -338,20 +338,8 @@ def write_study_report(path: Path, summary: dict, sft_cfg, cfg, samples: dict):
     lines += ["![accuracy vs tokens](accuracy_vs_tokens.png)", "", "![training](training.png)", "",
               "## Greedy samples (the first held-out problems)", "", "| run | prompt | completion | score |",
               "|---|---|---|---|"]
-    for name, rows in samples.items():
-        for s in rows:
-            cells = [s["prompt"], s["completion"], f"{s['score']:.0f}"]
-            lines.append(f"| {name} | " + " | ".join(f"`{c}`".replace("|", "\\|") for c in cells) + " |")
+    lines += sample_rows(samples)
     path.write_text("\n".join(lines) + "\n")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _colors(summary: dict) -> dict[str, str]:
@@ -361,7 +349,7 @@ def _colors(summary: dict) -> dict[str, str]:
 
 def plot_accuracy_vs_tokens(path: Path, summary: dict):
     """One point per finished run (and the SFT policy), with the target region relative to the baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ok = [r for r in summary["runs"] if r["status"] == "ok"]
     base, t, colors = ok[0], summary["target"], _colors(summary)
@@ -386,7 +374,7 @@ def plot_accuracy_vs_tokens(path: Path, summary: dict):
 def plot_training(path: Path, histories: dict[str, list[dict]], colors: dict[str, str], window: int = 5):
     """Sample accuracy and completion length per RL step (moving average over `window` steps; τ-sampled
     rollouts), with each run's held-out greedy evaluations (step 0 and the last step) as markers."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, history in histories.items():
         steps = [h for h in history if "reward_mean" in h]

@@ -40,7 +40,7 @@ from lmx.decoding import Greedy, generate
 from lmx.decoding.cost import forward_flops, param_count
 from lmx.models import build
 from lmx.train.loop import as_dict, model_config, train, write_config
-from lmx.train.report import quiet_orbax
+from lmx.train.report import pyplot, quiet_orbax, sample_rows
 from lmx.train.sft import masked_cross_entropy
 
 FLAGS = flags.FLAGS
@@ -594,25 +594,13 @@ def write_study_report(path: Path, summary: dict, samples: dict):
         "", "![loss vs P](loss_vs_P.png)", "", "![throughput](throughput.png)", "", "![training](training.png)", "",
         "## Greedy samples (the first held-out problems)", "", "| run | prompt | completion | score |",
         "|---|---|---|---|"]
-    for name, rows in samples.items():
-        for s in rows:
-            cells = [s["prompt"], s["completion"], f"{s['score']:.0f}"]
-            lines.append(f"| {name} | " + " | ".join(f"`{c}`".replace("|", "\\|") for c in cells) + " |")
+    lines += sample_rows(samples)
     path.write_text("\n".join(lines) + "\n")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_loss(path: Path, summary: dict):
     """Held-out loss vs P per size with the fitted law, and vs the fit's effective parameters N (k ln P + 1)."""
-    plt = _pyplot()
+    plt = pyplot()
     fit, rows = summary["fit"], summary["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     law = lambda n_eff: fit["E"] + fit["c"] * np.asarray(n_eff, float) ** -fit["alpha"]
@@ -643,7 +631,7 @@ def plot_loss(path: Path, summary: dict):
 
 def plot_throughput(path: Path, summary: dict):
     """Decode tokens/s and memory (weights + KV) vs P per size, one panel per batch size plus memory."""
-    plt = _pyplot()
+    plt = pyplot()
     Bs = [str(b) for b in summary["throughput_batch_sizes"]]
     fig, axes = plt.subplots(1, len(Bs) + 1, figsize=(4.2 * (len(Bs) + 1), 3.8))
     for i, d in enumerate(summary["sizes"]):
@@ -668,7 +656,7 @@ def plot_throughput(path: Path, summary: dict):
 
 def plot_training(path: Path, histories: dict[str, list[dict]], summary: dict):
     """Training loss per step of every run (colour: size, line style: P)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     styles = {P: s for P, s in zip(summary["streams"], ["-", "--", ":", "-."] * 4, strict=False)}
     for r in summary["runs"]:

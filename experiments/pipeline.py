@@ -28,7 +28,7 @@ from lmx.decoding import cost
 from lmx.decoding.sampling import Sampler
 from lmx.decoding.scaling import run_method
 from lmx.train.loop import run_setup, train, write_config
-from lmx.train.report import quiet_orbax, write_report
+from lmx.train.report import pyplot, quiet_orbax, write_report
 from lmx.train.rl_train import rl_held_out, sft_config, train_rl
 
 FLAGS = flags.FLAGS
@@ -175,7 +175,7 @@ def write_pipeline_report(path: Path, summary: dict, samples: dict):
 
 def plot_accuracy_vs_tokens(path: Path, summary: dict):
     """One marker per (policy, method); an arrow per method from before to after RL."""
-    plt = study._pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     before, after = summary["policies"]["sft"], summary["policies"]["rl"]
     for i, (a, b) in enumerate(zip(before, after, strict=True)):

@@ -67,12 +67,16 @@ def param_count(cfg: ModelConfig) -> int:
         from lmx.models.recursive import param_count as recursive_count
 
         return recursive_count(cfg)
-    a = cfg.attention
-    D, N, K, H, F, V = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim, cfg.vocab_size
-    attn = D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0)
-    layer = attn + 3 * D * F + 2 * D  # + attention and MLP norm scales
+    D, V = cfg.d_model, cfg.vocab_size
     ssm = _ssm_layer_params(cfg) * cfg.num_ssm_layers if cfg.num_ssm_layers else 0
-    return V * D + cfg.num_attn_layers * layer + ssm + D + (0 if cfg.tie_embeddings else D * V)
+    return V * D + cfg.num_attn_layers * attn_layer_params(cfg) + ssm + D + (0 if cfg.tie_embeddings else D * V)
+
+
+def attn_layer_params(cfg: ModelConfig) -> int:
+    """One attention block: q, k, v, o (+ qkv biases), the SwiGLU MLP, the attention and MLP norm scales."""
+    a = cfg.attention
+    D, N, K, H, F = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim
+    return D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0) + 3 * D * F + 2 * D
 
 
 def matmul_params(cfg: ModelConfig) -> int:

@@ -22,7 +22,6 @@ flops). Bytes stats stay those of the full depth.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -140,10 +139,9 @@ class EarlyExit:
 def _layer_flops(cfg):
     """(matmul FLOPs of one attention layer per token, of the LM head, of one layer's K/V projections,
     attention FLOPs per layer per attended key)."""
-    a = cfg.attention
-    D, N, K, H, F = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim, cfg.mlp_dim
-    layer = D * N * H + 2 * D * K * H + N * H * D + ((N + 2 * K) * H if a.qkv_bias else 0) + 3 * D * F + 2 * D
-    return 2.0 * layer, 2.0 * (D * cfg.vocab_size + D), 2.0 * 2 * D * K * H, 4.0 * N * H
+    a, D = cfg.attention, cfg.d_model
+    kv = 2 * D * a.num_kv_heads * a.head_dim
+    return 2.0 * cost.attn_layer_params(cfg), 2.0 * (D * cfg.vocab_size + D), 2.0 * kv, 4.0 * a.num_heads * a.head_dim
 
 
 def _step_flops(cfg, c, lengths_X):
@@ -156,7 +154,6 @@ def _step_flops(cfg, c, lengths_X):
 
 
 def early_exit_generate(model, params, prompts, *, measure: str = "softmax", threshold: float = 0.9, **kwargs):
-    """`generate(model, params, prompts, stepper=EarlyExit(measure, threshold), **kwargs)`."""
-    if not math.isfinite(float(threshold)):
-        raise ValueError(f"threshold={threshold!r} must be finite")
+    """`generate(model, params, prompts, stepper=EarlyExit(measure, threshold), **kwargs)` (EarlyExit.check
+    rejects a threshold outside the measure's range, NaN included)."""
     return generate(model, params, prompts, stepper=EarlyExit(measure, float(threshold)), **kwargs)

@@ -51,3 +51,21 @@ def quiet_orbax():
     """Orbax logs every save at INFO; keep only its warnings and errors."""
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), for the reports' and studies' PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sample_rows(samples: dict) -> list[str]:
+    """Markdown table rows `| name | prompt | completion | score |` of {name: [sample dicts]} (pipes escaped)."""
+    return [f"| {name} | " + " | ".join(f"`{c}`".replace("|", "\\|") for c in (s["prompt"], s["completion"],
+                                                                              f"{s['score']:.0f}")) + " |"
+            for name, rows in samples.items() for s in rows]
+
