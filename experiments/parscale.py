@@ -18,8 +18,8 @@ Writes <workdir>/: config.json, one run directory per (size, P) (d<D>_P<P>/; the
 summary.json, report.md, loss_vs_P.png, throughput.png and training.png. Re-running with the same --workdir resumes
 finished runs from their checkpoints (their measurements are redone).
 
-Training goes through train's batch_hook `unpacked`, which drops segment_ids_BT: ParScale (P > 1) refuses them and
-the loop's SFT loss always passes them (see `unpacked`).
+Training goes through lmx.train.loop.train as it is: ParScale takes the loop's packed segment ids (each segment sees
+its streams' prefixes and its own tokens).
 """
 
 from __future__ import annotations
@@ -72,14 +72,6 @@ def run_config(cfg, d_model: int, P: int) -> ConfigDict:
         model["parscale"] = {"P": int(P), **as_dict(cfg.parscale)}
     return ConfigDict({"seed": int(cfg.seed), "task": as_dict(cfg.task), "model": model, "train": as_dict(cfg.train),
                        "optim": as_dict(cfg.optim), "eval": as_dict(cfg.eval), "mesh": as_dict(cfg.mesh)})
-
-
-def unpacked(step: int, batch: dict) -> dict:
-    """train's batch_hook: drop segment_ids_BT, which ParScale (P > 1) refuses. The rows hold one right-padded
-    example each, so the segment mask only hides padding that causal attention keeps out of every real position
-    anyway: the loss is the same. Every run uses it, P = 1 included."""
-    del step
-    return {k: v for k, v in batch.items() if k != "segment_ids_BT"}
 
 
 def held_out_batches(tok, problems, batch_size: int, seq_len: int) -> list[dict]:
@@ -160,7 +152,7 @@ def _run_one(cfg, d_model, P, workdir, tok, task, loss_batches, greedy_problems,
     name = run_name(d_model, P)
     run_cfg = run_config(cfg, d_model, P)
     t0 = time.time()
-    result = train(run_cfg, workdir / name, batch_hook=unpacked, progress=progress)
+    result = train(run_cfg, workdir / name, progress=progress)
     train_minutes = (time.time() - t0) / 60
     model_cfg = model_config(run_cfg.model, tok.vocab_size)
     model = build(model_cfg)
@@ -335,7 +327,7 @@ def seed_noise(cfg, d_model: int, seeds: list[int], workdir: Path, rows, loss_ba
         for seed in seeds:
             run_cfg = run_config(cfg, d_model, P)
             run_cfg.seed = seed
-            result = train(run_cfg, workdir / f"{run_name(d_model, P)}_seed{seed}", batch_hook=unpacked,
+            result = train(run_cfg, workdir / f"{run_name(d_model, P)}_seed{seed}",
                            progress=progress)
             losses.append(held_out_loss(model_config(run_cfg.model, tok.vocab_size), result.params,
                                         loss_batches)["held_out_loss"])

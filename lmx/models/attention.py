@@ -53,6 +53,15 @@ def cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS, sm_scale: float):
     return jnp.transpose(o_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 
+def own_keys_segment_mask(segment_ids_BT, lengths_B, S: int):
+    """[B, T, S] mask of a cached call with packed segments: this call's own keys (slots lengths_B + t) are seen
+    only by queries of the same segment; keys already cached before the call (a shared prefix) by every query."""
+    slot_BS = jnp.arange(S, dtype=jnp.int32)[None, :] - lengths_B[:, None]  # index into this call's T, or < 0
+    T = segment_ids_BT.shape[1]
+    k_seg_BS = jnp.take_along_axis(segment_ids_BT, jnp.clip(slot_BS, 0, T - 1), axis=1)
+    return (slot_BS < 0)[:, None, :] | (segment_ids_BT[:, :, None] == k_seg_BS[:, None, :])
+
+
 @flax.struct.dataclass
 class KVState:
     """One attention layer's decode state: its KV buffers. Slot s of row b holds the token at position s of that
@@ -134,6 +143,8 @@ class Attention(nn.Module):
             B, S = x.shape[0], new_state.v_BKSH.shape[2]
             mask = attention_mask(slots_BT, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
                                   window=a.sliding_window)
+            if segment_ids_BT is not None:
+                mask &= own_keys_segment_mask(segment_ids_BT, lengths_B, S)
             o_BTNH = cached_attention(q_BTNH, new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt), mask,
                                       1.0 / math.sqrt(H))
         # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).

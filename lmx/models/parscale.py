@@ -20,8 +20,9 @@ RoPE still uses the token positions. Teacher-forced calls run it on a fresh buff
 each layer's buffers for a sample's P streams together in a `StreamsKVState` (leaves [B, P, ...]: the batch on
 axis 0, so select / repeat / truncate stay generic). Stream rows are ordered b·P + p.
 
-Not supported with P > 1: SSM layers, sliding-window attention (its window would slide over the prefix slots too)
-and packed segments (segment_ids_BT: attention's cached path has no segment mask).
+Not supported with P > 1: SSM layers and sliding-window attention (its window would slide over the prefix slots).
+Packed sequences (segment_ids_BT, teacher-forced): each segment sees its stream's prefix and its own tokens
+(attention's segment mask for a cached call, `own_keys_segment_mask`), as if it ran alone.
 """
 
 from __future__ import annotations
@@ -121,12 +122,12 @@ def _streams(a, P: int):
     return a.reshape(a.shape[0] // P, P, *a.shape[1:])
 
 
-def _stream_ctx(lengths_B, T: int, positions_BT, P: int, n: int) -> Ctx:
-    """The Ctx of the B·P stream rows: each sample's RoPE positions; cache slots and lengths shifted past the
-    n prefix slots."""
+def _stream_ctx(lengths_B, T: int, positions_BT, P: int, n: int, segment_ids_BT=None) -> Ctx:
+    """The Ctx of the B·P stream rows: each sample's RoPE positions and segments; cache slots and lengths shifted
+    past the n prefix slots."""
     ctx = make_ctx(lengths_B, T, positions_BT)
-    rep = lambda a: jnp.repeat(a, P, axis=0)
-    return Ctx(rep(ctx.positions_BT), rep(ctx.slots_BT) + n, rep(ctx.lengths_B) + n)
+    rep = lambda a: None if a is None else jnp.repeat(a, P, axis=0)
+    return Ctx(rep(ctx.positions_BT), rep(ctx.slots_BT) + n, rep(ctx.lengths_B) + n, rep(segment_ids_BT))
 
 
 @flax.struct.dataclass
@@ -227,8 +228,8 @@ class ParScaleLM(nn.Module):
                  embeds_BTD=None, use_embeds_BT=None):
         cfg = self.cfg
         P, n = cfg.parscale.P, cfg.parscale.n_prefix
-        if segment_ids_BT is not None:
-            raise NotImplementedError(f"ParScale with P={P} does not support packed sequences (segment_ids_BT)")
+        if state is not None and segment_ids_BT is not None:
+            raise ValueError("segment_ids_BT (packed sequences) is for teacher-forced calls, not with a decode state")
         kw = dict(positions_BT=positions_BT, logits_at_B=logits_at_B, embeds_BTD=embeds_BTD,
                   use_embeds_BT=use_embeds_BT)
         if state is not None and not self.is_initializing():
@@ -249,7 +250,7 @@ class ParScaleLM(nn.Module):
         )(cfg, name="layers")
         x_BPTD = jnp.broadcast_to(x_BTD[:, None], (B, P, T, cfg.d_model))  # the input copied to every stream
         x = stack(_rows(x_BPTD), (extra["prefix_k"], extra["prefix_v"]),
-                  _stream_ctx(jnp.zeros((B,), jnp.int32), T, positions_BT, P, n))[0]
+                  _stream_ctx(jnp.zeros((B,), jnp.int32), T, positions_BT, P, n, segment_ids_BT))[0]
         h_BPTD = _streams(_norm(cfg, "final_norm")(x), P)
         h_BTD, w_BTP = aggregate(extra, h_BPTD, cfg.parscale.eps, cfg.dtype)
         head_BTD = _rows_at(h_BTD, logits_at_B)

@@ -275,6 +275,23 @@ def test_unsupported_models_fail_clearly():
     with pytest.raises(TypeError, match="ParScaleConfig"):
         lm.build(lm.preset("llama-tiny", parscale=2))
     assert type(lm.build(lm.preset("hybrid-tiny", parscale=ParScaleConfig(P=1)))) is lm.LM  # P = 1: the base
-    model = lm.build(lm.preset("llama-tiny", parscale=PS2))
-    with pytest.raises(NotImplementedError, match="segment_ids_BT"):
-        model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), segment_ids_BT=jnp.zeros((1, 4), jnp.int32))
+
+
+def test_packed_segments_equal_each_sequence_alone(ps2):
+    """Two sequences packed in one row (segment ids, positions restarting) give each sequence's own logits: every
+    segment sees its stream's prefix and its own tokens only. Without the segment mask the second segment's
+    logits differ (the negative control), so the comparison can fail."""
+    model, params, apply, _ = ps2
+    a, b = TOKENS[0, :6], TOKENS[1, :4]
+    packed = np.concatenate([a, b])[None]
+    seg = np.array([[0] * 6 + [1] * 4], np.int32)
+    pos = np.array([list(range(6)) + list(range(4))], np.int32)
+    out = jax.jit(lambda p, t, s, q: model.apply({"params": p}, t, positions_BT=q, segment_ids_BT=s).logits_BTV)
+    got = np.asarray(out(params, packed, seg, pos))[0]
+    alone = np.asarray(apply(params, TOKENS).logits_BTV)  # each row alone; causal, so prefixes of a row agree
+    np.testing.assert_allclose(got[:6], alone[0, :6], atol=2e-5)
+    np.testing.assert_allclose(got[6:], alone[1, :4], atol=2e-5)
+    unmasked = np.asarray(out(params, packed, np.zeros_like(seg), pos))[0]
+    assert np.abs(unmasked[6:] - alone[1, :4]).max() > 1e-3
+    with pytest.raises(ValueError, match="segment_ids_BT"):
+        model.apply({"params": params}, packed, state=lm.init_state(model.cfg, 1, 12), segment_ids_BT=seg)

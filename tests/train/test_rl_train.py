@@ -219,3 +219,25 @@ def get_task_problems():
     from lmx.data.tasks import Arithmetic
 
     return Arithmetic().sample(np.random.default_rng(1), 6)
+
+
+@pytest.mark.parametrize("variant", [
+    {"exits": {"layers": [1]}},
+    {"parscale": {"P": 2, "n_prefix": 3}},
+    {"recursion": {"num_unique": 1, "lora_rank": 2}},
+], ids=["early_exit", "parscale", "recursive"])
+def test_variants_train_with_rl(variant, tmp_path):
+    """Each model variant runs the RL loop: rollouts decode through the variant's cached path and the update scores
+    them teacher-forced, so the sampler's log-probs equal the trainer's (logprob_diff_max, μ = 1) only if the
+    variant's cached decode equals its teacher-forced forward; the update moves the params."""
+    cfg = tiny_rl_config(steps=2)
+    cfg.model.update({"num_layers": 2, **variant})
+    cfg.eval.num_problems = 0
+    run = train_rl(cfg, tmp_path, progress=False)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["logprob_diff_max"] < 1e-4 and np.isfinite(r["loss"]) for r in records), records
+    assert any(r["grad_norm"] > 0 for r in records)
+    assert int(run.state.step) == 2
+    if "parscale" in variant:
+        assert "parscale" in run.params
