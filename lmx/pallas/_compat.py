@@ -31,7 +31,7 @@ __all__ = ["IMPLS", "TRITON_CUSTOM_CALL", "cuda_export", "on_gpu", "pl", "pltrit
 
 def triton_params(num_warps: int = 4, num_stages: int = 2):
     """Explicit Triton compiler params (the class was renamed across jax versions)."""
-    cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+    cls = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
