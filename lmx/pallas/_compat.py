@@ -26,7 +26,8 @@ IMPLS = ("auto", "xla", "pallas")
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"  # the custom call a Triton pallas_call lowers to
 log = logging.getLogger("lmx.pallas")
 
-__all__ = ["IMPLS", "TRITON_CUSTOM_CALL", "cuda_export", "on_gpu", "pl", "pltriton", "resolve_impl", "triton_params"]
+__all__ = ["IMPLS", "MIN_DOT", "TRITON_CUSTOM_CALL", "cuda_export", "kernel_dot_shapes", "model_interpret", "on_gpu",
+           "pl", "pltriton", "resolve_impl", "triton_params"]
 
 
 def triton_params(num_warps: int = 4, num_stages: int = 2):
@@ -63,11 +64,40 @@ def resolve_impl(op: str, impl: str, unsupported: str | None, interpret: bool = 
     return "pallas"
 
 
+MIN_DOT = 16  # Triton's tl.dot needs every operand dimension >= 16
+
+
+def kernel_dot_shapes(jaxpr, inside: bool = False):
+    """Operand shapes of every dot inside a pallas_call of `jaxpr` (a core.Jaxpr), recursively."""
+    from jax import extend as jex
+
+    for eqn in jaxpr.eqns:
+        if inside and eqn.primitive.name == "dot_general":
+            yield tuple(x.aval.shape for x in eqn.invars)
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                sub = sub.jaxpr if isinstance(sub, jex.core.ClosedJaxpr) else sub
+                if isinstance(sub, jex.core.Jaxpr):
+                    yield from kernel_dot_shapes(sub, inside or eqn.primitive.name == "pallas_call")
+
+
 def cuda_export(fn, *args_or_shapes):
-    """Cross-lower `fn` for CUDA with jax.export (works on a CPU-only jaxlib): the Triton lowering runs and
-    rejects what the GPU compiler would (block shapes, dot sizes) before any GPU is involved. Returns the Exported."""
+    """Cross-lower `fn` for CUDA with jax.export (works on a CPU-only jaxlib): the Triton lowering runs and rejects
+    what it can (non-power-of-two blocks, ...) before any GPU is involved. The Triton compiler itself runs only on
+    the GPU, so the dot sizes it would refuse are checked here on the kernels' jaxprs (ValueError naming the
+    shapes). Returns the Exported."""
     from jax import export
 
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a for a in args_or_shapes]
+    small = [s for s in kernel_dot_shapes(jax.make_jaxpr(fn)(*shapes).jaxpr) if min(d for x in s for d in x) < MIN_DOT]
+    if small:
+        raise ValueError(f"a kernel has tl.dot operands with a dimension below {MIN_DOT} (Triton refuses them): "
+                         f"{small[:4]}")
     return export.export(jax.jit(fn), platforms=["cuda"],
                          disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(*shapes)
+
+
+def model_interpret(impl: str) -> bool:
+    """The interpret flag a model passes with its config's impl: kernels off a GPU run only in interpret mode, so
+    impl="pallas" on a CPU interprets them (the model-level tests); "auto" there runs the XLA reference instead."""
+    return impl == "pallas" and not on_gpu()
