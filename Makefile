@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.compile_depth
 	$(BIN)/python -m benchmarks.speculative
 	$(BIN)/python -m benchmarks.rl
+	$(BIN)/python -m benchmarks.kernels  # off a GPU: the kernels' correctness on tiny shapes only (see RESULTS.md)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lmx tests experiments benchmarks

@@ -20,24 +20,25 @@ from benchmarks._common import emit
 OPS = ("flash_attention", "decode_attention", "ssd", "quant_matmul")
 
 
-def device_line() -> dict:
+def device_line(argv: list[str]) -> dict:
     import jax
 
     d = jax.devices()[0]
     return {"name": "environment", "jax": jax.__version__, "backend": jax.default_backend(),
             "device": getattr(d, "device_kind", str(d)), "python": platform.python_version(),
-            "command": " ".join(["python", "-m", "benchmarks.kernels", *sys.argv[1:]])}
+            "command": " ".join(["python", "-m", "benchmarks.kernels", *argv])}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny shapes, correctness only (CPU smoke test)")
     p.add_argument("--only", default=",".join(OPS), help="comma-separated ops")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     import jax
 
     quick = args.quick or jax.default_backend() != "gpu"
-    print(json.dumps({**device_line(), "quick": quick}), flush=True)
+    print(json.dumps({**device_line(argv), "quick": quick}), flush=True)
     failed = []
     for op in args.only.split(","):
         t0 = time.perf_counter()

@@ -70,18 +70,18 @@ def run(emit, quick: bool):
         (yk, hk), (yr, hr) = kf(args), rf(args)
         gk, gr = kb(args, dy), rb(args, dy)
         shape = dict(B=Bn, T=T, N=N, H=H, Z=Z, U=U, chunk=chunk, interpret=True)
-        emit("kernels/ssd/quick/fwd", "max_abs_err", max(_max_err(yk, yr), _max_err(hk, hr)), **shape)
+        emit("ssd/quick/fwd", "max_abs_err", max(_max_err(yk, yr), _max_err(hk, hr)), **shape)
         grad_err = max(_max_err(a, b) for a, b in zip(gk, gr, strict=True))
-        emit("kernels/ssd/quick/fwd_bwd", "max_abs_err", grad_err, **shape)
+        emit("ssd/quick/fwd_bwd", "max_abs_err", grad_err, **shape)
         return
     if jax.default_backend() != "gpu":
-        emit("kernels/ssd", "skipped", None, reason=f"needs a GPU (backend {jax.default_backend()!r}); use quick")
+        emit("ssd", "skipped", None, reason=f"needs a GPU (backend {jax.default_backend()!r}); use quick")
         return
     device = jax.devices()[0].device_kind
     for Bn, T, N, H, Z, U, chunk in CASES:
         args, dy = _inputs(Bn, T, N, H, Z, U)
         (kf, kb), (rf, rb) = _functions("pallas", chunk, False), _functions("xla", chunk, False)
-        name = f"kernels/ssd/B{Bn}_T{T}_N{N}_H{H}_Z{Z}_U{U}_C{chunk}"
+        name = f"ssd/B{Bn}_T{T}_N{N}_H{H}_Z{Z}_U{U}_C{chunk}"
         flops_f, flops_b = _dot_flops(Bn, T, N, H, Z, chunk)
         for label, kernel, reference, flops in [
             ("fwd", partial(kf, args), partial(rf, args), flops_f),

@@ -22,6 +22,7 @@ from lmx.models.lm import (
 )
 from lmx.models.mamba3 import Mamba3LayerState, Mamba3Pending
 from lmx.models.parscale import ParScaleConfig, add_parscale_params, parscale_only
+from lmx.models.quantize import QuantizedWeight, quantize_params
 from lmx.models.recursive import RecursionConfig, from_base
 from lmx.models.ssm import Mamba2LayerState, Mamba2Pending
 from lmx.models.state import DecodeState, init_state, repeat, select, truncate
@@ -34,4 +35,5 @@ __all__ = [
     "DecodeState", "KVState", "Mamba2LayerState", "Mamba2Pending", "Mamba3LayerState", "Mamba3Pending", "init_state",
     "repeat", "select", "truncate",
     "ExitConfig", "ParScaleConfig", "RecursionConfig", "add_parscale_params", "parscale_only", "from_base",
+    "QuantizedWeight", "quantize_params",
 ]

@@ -12,6 +12,10 @@ import jax.numpy as jnp
 from lmx.models.backend import write_slots
 from lmx.models.config import ModelConfig
 from lmx.models.layers import apply_rope, dense_init, rope_inv_freq
+from lmx.models.quantize import matmul, weight
+from lmx.pallas._compat import model_interpret
+from lmx.pallas.decode_attention import decode_attention
+from lmx.pallas.flash_attention import flash_attention
 
 NEG_INF = -1e30
 
@@ -97,8 +101,8 @@ def project_kv(cfg: ModelConfig, x_BTD, positions_BT, wk_DKH, wv_DKH, k_bias_KH=
     Early-exit decoding calls it alone to fill the KV of layers a token skipped."""
     a, dt = cfg.attention, jnp.dtype(cfg.dtype)
     x = x_BTD.astype(dt)
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x, wk_DKH.astype(dt))
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x, wv_DKH.astype(dt))
+    k_BTKH = matmul(x, wk_DKH, dt, "BTD,DKH->BTKH")
+    v_BTKH = matmul(x, wv_DKH, dt, "BTD,DKH->BTKH")
     if k_bias_KH is not None:
         k_BTKH += k_bias_KH.astype(dt)
         v_BTKH += v_bias_KH.astype(dt)
@@ -116,12 +120,12 @@ class Attention(nn.Module):
         cfg, a = self.cfg, self.cfg.attention
         D, N, K, H = cfg.d_model, a.num_heads, a.num_kv_heads, a.head_dim
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        wq = self.param("q", dense_init(D, ("embed", "heads", "head_dim")), (D, N, H), pd)
-        wk = self.param("k", dense_init(D, ("embed", "kv_heads", "head_dim")), (D, K, H), pd)
-        wv = self.param("v", dense_init(D, ("embed", "kv_heads", "head_dim")), (D, K, H), pd)
-        wo = self.param("o", dense_init(N * H, ("heads", "head_dim", "embed")), (N, H, D), pd)
+        wq = weight(self, "q", dense_init(D, ("embed", "heads", "head_dim")), (D, N, H), pd)
+        wk = weight(self, "k", dense_init(D, ("embed", "kv_heads", "head_dim")), (D, K, H), pd)
+        wv = weight(self, "v", dense_init(D, ("embed", "kv_heads", "head_dim")), (D, K, H), pd)
+        wo = weight(self, "o", dense_init(N * H, ("heads", "head_dim", "embed")), (N, H, D), pd)
         x = x_BTD.astype(dt)
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
+        q_BTNH = matmul(x, wq, dt, "BTD,DNH->BTNH")
         if a.qkv_bias:
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
             zeros_kv = nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "head_dim"))
@@ -136,16 +140,31 @@ class Attention(nn.Module):
         if state is None:
             mask = attention_mask(slots_BT, slots_BT, window=a.sliding_window,
                                   q_seg_BT=segment_ids_BT, k_seg_BS=segment_ids_BT)
-            o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
+            if a.impl == "xla":
+                o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
+            else:  # lmx.pallas's flash attention (its "auto" falls back to its own reference off a GPU)
+                o_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=segment_ids_BT,
+                                         sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H), impl=a.impl,
+                                         interpret=model_interpret(a.impl))
             new_state = None
         else:  # write this call's entries in place, then attend over the layer's cache (slot <= query slot)
             new_state = state.write(k_BTKH, v_BTKH, lengths_B)
-            B, S = x.shape[0], new_state.v_BKSH.shape[2]
+            B, T, S = *x.shape[:2], new_state.v_BKSH.shape[2]
             mask = attention_mask(slots_BT, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
                                   window=a.sliding_window)
             if segment_ids_BT is not None:
                 mask &= own_keys_segment_mask(segment_ids_BT, lengths_B, S)
-            o_BTNH = cached_attention(q_BTNH, new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt), mask,
-                                      1.0 / math.sqrt(H))
+            cached = lambda: cached_attention(q_BTNH, new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt),
+                                              mask, 1.0 / math.sqrt(H))
+            if a.impl == "xla" or segment_ids_BT is not None:
+                o_BTNH = cached()
+            elif T == 1:  # a decode step: lmx.pallas's decode-attention kernel over the cache
+                o_BTNH = decode_attention(q_BTNH[:, 0], new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt),
+                                          lengths_B + 1, sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H),
+                                          impl=a.impl, interpret=model_interpret(a.impl))[:, None]
+            else:  # a prefill (every row starts empty) attends only to its own keys: flash attention; else the cache
+                o_BTNH = jax.lax.cond(jnp.all(lengths_B == 0), lambda: flash_attention(
+                    q_BTNH, k_BTKH.astype(dt), v_BTKH.astype(dt), causal=True, sliding_window=a.sliding_window,
+                    sm_scale=1.0 / math.sqrt(H), impl=a.impl, interpret=model_interpret(a.impl)), cached)
         # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).
-        return o_BTNH.reshape(*o_BTNH.shape[:2], N * H) @ wo.reshape(N * H, D).astype(dt), new_state
+        return matmul(o_BTNH.reshape(*o_BTNH.shape[:2], N * H), wo.reshape(N * H, D), dt), new_state

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lmx.models.config import ModelConfig, RopeScaling
+from lmx.models.quantize import matmul, weight
 
 Dtype = jnp.dtype
 
@@ -74,13 +75,13 @@ class MLP(nn.Module):
         cfg = self.cfg
         D, F = cfg.d_model, cfg.mlp_dim
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        gate_DF = self.param("gate", dense_init(D, ("embed", "mlp")), (D, F), pd)
-        up_DF = self.param("up", dense_init(D, ("embed", "mlp")), (D, F), pd)
-        down_FD = self.param("down", dense_init(F, ("mlp", "embed")), (F, D), pd)
+        gate_DF = weight(self, "gate", dense_init(D, ("embed", "mlp")), (D, F), pd)
+        up_DF = weight(self, "up", dense_init(D, ("embed", "mlp")), (D, F), pd)
+        down_FD = weight(self, "down", dense_init(F, ("mlp", "embed")), (F, D), pd)
         x = x_BTD.astype(dt)
-        h_BTF = nn.silu(x @ gate_DF.astype(dt)) * (x @ up_DF.astype(dt))
+        h_BTF = nn.silu(matmul(x, gate_DF, dt)) * matmul(x, up_DF, dt)
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "seq", "mlp"))
-        return h_BTF @ down_FD.astype(dt)
+        return matmul(h_BTF, down_FD, dt)
 
 
 class Embed(nn.Module):

@@ -24,6 +24,7 @@ from lmx.models.attention import Attention, KVState
 from lmx.models.config import ModelConfig, repeating_unit
 from lmx.models.layers import MLP, Embed, RMSNorm, dense_init
 from lmx.models.mamba3 import Mamba3LayerState, Mamba3Mixer
+from lmx.models.quantize import matmul, weight
 from lmx.models.ssm import Mamba2LayerState, Mamba2Mixer
 from lmx.models.state import DecodeState
 
@@ -130,7 +131,9 @@ def layer_state_classes(cfg: ModelConfig) -> tuple[type, ...]:
 # hooks below: `model.decode_forward(params, tokens_BT, state, **forward's keywords)` for `forward`,
 # `model.split_params(params)` for `decode_params`, and the module's `layer_state_classes(cfg)` for `init_state`.
 # Each hook is optional: without it the base LM's piece runs. Every decode-state leaf keeps the batch (one row per
-# sample) on axis 0, so `select` / `repeat` / `truncate` stay generic.
+# sample) on axis 0, so `select` / `repeat` / `truncate` stay generic. Early-exit decoding asks the module's
+# `decode_exits(cfg) -> ExitConfig | None` (`decode_exits` below) where a token may stop: after which layers, with
+# which norm before the shared head (the exits variant: its own exits; the recursive model: its loop boundaries).
 VARIANTS = {"exits": "lmx.models.early_exit", "parscale": "lmx.models.parscale", "recursion": "lmx.models.recursive"}
 
 
@@ -149,17 +152,49 @@ def variant_module(cfg: ModelConfig):
         raise NotImplementedError(f"ModelConfig.{on[0]} is not implemented yet") from None
 
 
+def _kept(keep_B, y_BTD, x_BTD):
+    """Layer dropout: the block's output on the rows that keep it, its input (no residual update) on the others."""
+    return y_BTD if keep_B is None else jnp.where(keep_B[:, None, None], y_BTD, x_BTD)
+
+
+def decode_exits(cfg: ModelConfig):
+    """The exits early-exit decoding may stop at (an lmx.models.early_exit.ExitConfig), from cfg's variant module's
+    `decode_exits(cfg)` hook; None: the model has none."""
+    variant = variant_module(cfg)
+    hook = None if variant is None else getattr(variant, "decode_exits", None)
+    return None if hook is None else hook(cfg)
+
+
 class Unit(nn.Module):
-    """One repetition of a multi-block pattern unit (blocks named {kind}_{i}), without decode state."""
+    """One repetition of a multi-block pattern unit (blocks named {kind}_{i}), without decode state. Its scanned
+    input is None or each row's keep flag per block, bool [B, K] (layer dropout)."""
 
     cfg: ModelConfig
     kinds: tuple[str, ...]
     emit: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, _, ctx):
+    def __call__(self, x_BTD, keep_BK, ctx):
         for i, kind in enumerate(self.kinds):
-            x_BTD, _ = BLOCKS[kind](self.cfg, name=f"{kind}_{i}")(x_BTD, None, ctx)
+            y_BTD, _ = BLOCKS[kind](self.cfg, name=f"{kind}_{i}")(x_BTD, None, ctx)
+            x_BTD = _kept(None if keep_BK is None else keep_BK[:, i], y_BTD, x_BTD)
+        return x_BTD, (x_BTD if self.emit else None)
+
+
+class LayerDropped(nn.Module):
+    """A one-block unit whose scanned input is None or each row's keep flag, bool [B, 1] (layer dropout). It
+    shares its scope with the block, so the params are the block's own (layers/... as without dropout)."""
+
+    cfg: ModelConfig
+    kind: str
+    emit: bool = False
+
+    def setup(self):
+        self.block = BLOCKS[self.kind](self.cfg)
+        nn.share_scope(self, self.block)
+
+    def __call__(self, x_BTD, keep_B1, ctx):
+        x_BTD = _kept(None if keep_B1 is None else keep_B1[:, 0], self.block(x_BTD, None, ctx)[0], x_BTD)
         return x_BTD, (x_BTD if self.emit else None)
 
 
@@ -198,6 +233,16 @@ class LM(nn.Module):
         unit = repeating_unit(cfg.layer_pattern)
         emit = cfg.exits is not None  # the stack also returns each unit's output, for the exit heads
         block, args = (BLOCKS[unit[0]], (cfg, emit)) if len(unit) == 1 else (Unit, (cfg, unit, emit))
+        # LayerSkip's layer dropout (ExitConfig.layer_dropout, in training calls given a "dropout" rng): the scan's
+        # per-layer input is each row's keep flag, drawn from the depth schedule; otherwise it is None.
+        keep_UBK = None
+        if emit and cfg.exits.layer_dropout > 0:
+            from lmx.models.early_exit import layer_keep
+
+            if len(unit) == 1:
+                block, args = LayerDropped, (cfg, unit[0], emit)
+            if self.has_rng("dropout") and not self.is_initializing():
+                keep_UBK = layer_keep(cfg, self.make_rng("dropout"), B)
         stack = nn.scan(
             nn.remat(block, prevent_cse=False) if cfg.remat else block,
             variable_axes={"params": 0},
@@ -206,21 +251,24 @@ class LM(nn.Module):
             length=cfg.num_layers // len(unit),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(*args, name="layers")
-        x_BTD, layer_outputs = stack(x_BTD, None, ctx)
+        x_BTD, layer_outputs = stack(x_BTD, keep_UBK, ctx)
         final_norm = _norm(cfg, "final_norm")
         h_BTD = final_norm(x_BTD)
         if cfg.tie_embeddings:
             project = embed.attend
         else:
-            w_DV = self.param("lm_head", dense_init(cfg.d_model, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
-                              jnp.dtype(cfg.param_dtype))
-            project = lambda h: h @ w_DV.astype(jnp.dtype(cfg.dtype))  # noqa: E731
+            w_DV = weight(self, "lm_head", dense_init(cfg.d_model, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
+                          jnp.dtype(cfg.param_dtype))
+            project = lambda h: matmul(h, w_DV, jnp.dtype(cfg.dtype))  # noqa: E731
         logits_BTV = project(_rows_at(h_BTD, logits_at_B))
         aux = {"hidden_BTD": h_BTD}
+        if keep_UBK is not None:
+            aux["layer_keep_LB"] = jnp.moveaxis(keep_UBK, 2, 1).reshape(cfg.num_layers, B)  # which rows ran layer l
         if emit:
             from lmx.models.early_exit import exit_heads
 
-            aux |= exit_heads(cfg, layer_outputs, final_norm, lambda h: project(_rows_at(h, logits_at_B)))
+            aux |= exit_heads(cfg, layer_outputs, final_norm, lambda h: project(_rows_at(h, logits_at_B)),
+                              segment_ids_BT)
         if state is not None:  # initialising with a state: the params exist now
             return forward(self, _split(cfg, self.variables["params"]), tokens_BT, state, positions_BT=positions_BT,
                            logits_at_B=logits_at_B, embeds_BTD=embeds_BTD, use_embeds_BT=use_embeds_BT)
@@ -359,7 +407,7 @@ def head(model: nn.Module, params: DecodeParams, x_BTD, logits_at_B=None, norm: 
     if cfg.tie_embeddings:
         logits_BTV = Embed(cfg).apply({"params": params.rest["embed"]}, head_BTD, method=Embed.attend)
     else:
-        logits_BTV = head_BTD @ params.rest["lm_head"].astype(jnp.dtype(cfg.dtype))
+        logits_BTV = matmul(head_BTD, params.rest["lm_head"], jnp.dtype(cfg.dtype))
     return logits_BTV.astype(jnp.float32), h_BTD
 
 

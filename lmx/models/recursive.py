@@ -19,8 +19,9 @@ so the base layer-loop pieces (forward, run_layers, head) run unchanged on N lay
 the decode weights then take the memory of N full layers, like the base model's (a decode path that keeps only the
 K shared blocks and the factors resident would apply x·a_l·b_l on the side instead). Depth-wise early exit on the
 loops: with `loop_exits`, the teacher-forced aux holds the logits after every loop (`loop_logits_EBTV`, E = N/K,
-the last equal to logits_BTV), for exit losses; at decode time a loop boundary is the layer range [0, j·K) of
-`run_layers`, as for any early exit.
+the last equal to logits_BTV), for exit losses; at decode time the same boundaries are the exits of early-exit
+decoding (`lmx.decoding.early_exit.EarlyExit`, through this module's `decode_exits` hook): a token stops after
+loop j when confident, the skipped depths' KV filled from its exited state.
 
 `from_base` converts a trained N-layer LM: W′ is the mean of the tied layers, a_l b_l the truncated SVD (rank r) of
 W_l − W′; at full rank the converted model equals the base.
@@ -84,6 +85,16 @@ def check(cfg: ModelConfig) -> RecursionConfig:
     if cfg.num_layers % rc.num_unique:
         raise ValueError(f"num_layers={cfg.num_layers} is not a multiple of recursion.num_unique={rc.num_unique}")
     return rc
+
+
+def decode_exits(cfg: ModelConfig):
+    """lmx.models.lm's hook for early-exit decoding: with loop_exits, a token may stop after any loop j·K (j >= 1)
+    before the last, on the shared final norm + head (the teacher-forced loop_logits_EBTV); None otherwise."""
+    from lmx.models.early_exit import ExitConfig
+
+    rc = check(cfg)
+    loops = tuple(range(rc.num_unique, cfg.num_layers, rc.num_unique))
+    return ExitConfig(layers=loops) if rc.loop_exits and loops else None
 
 
 def unique_config(cfg: ModelConfig) -> ModelConfig:

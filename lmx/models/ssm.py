@@ -28,6 +28,9 @@ from jaxtyping import Array, Float
 from lmx.models.backend import computed_once, ring_read, ring_write, unroll_chunk_pass, write_before_read
 from lmx.models.config import ModelConfig
 from lmx.models.layers import dense_init
+from lmx.models.quantize import matmul, weight
+from lmx.pallas._compat import model_interpret
+from lmx.pallas.ssd import ssd as pallas_ssd
 
 F32 = jnp.float32
 
@@ -380,14 +383,12 @@ class Mamba2Mixer(nn.Module):
         after more, the call is recorded as pending (its inputs), folded in once the valid lengths are known
         (by `truncate`, or at the next call)."""
         cfg, s = self.cfg, self.cfg.ssm
-        if s.impl == "pallas":
-            raise NotImplementedError("ssm.impl='pallas': the SSD kernel is not written yet; use 'xla' or 'auto'")
         D, N, H, U, Z, I, Y, W = (cfg.d_model, s.num_heads, s.head_dim, s.n_groups, s.state_size, s.inner_dim,
                                   s.conv_dim, s.conv_width)
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         ones, zeros = nn.initializers.ones, nn.initializers.zeros
         part = nn.with_logical_partitioning
-        in_proj = self.param("in_proj", dense_init(D, ("embed", "ssm_proj")), (D, I + Y + N), pd)
+        in_proj = weight(self, "in_proj", dense_init(D, ("embed", "ssm_proj")), (D, I + Y + N), pd)
         conv_WY = self.param("conv", dense_init(W, ("conv_width", "ssm_conv")), (W, Y), pd)
         conv_bias_Y = (self.param("conv_bias", part(zeros, ("ssm_conv",)), (Y,), pd) if s.use_conv_bias
                        else jnp.zeros((Y,), pd))
@@ -395,10 +396,10 @@ class Mamba2Mixer(nn.Module):
         A_log_N = self.param("A_log", part(lambda k, sh, d: jnp.log(jnp.arange(1, N + 1, dtype=d)), ("ssm_heads",)),
                              (N,), pd)
         D_N = self.param("D", part(ones, ("ssm_heads",)), (N,), pd)
-        out_proj = self.param("out_proj", dense_init(I, ("ssm_inner", "embed")), (I, D), pd)
+        out_proj = weight(self, "out_proj", dense_init(I, ("ssm_inner", "embed")), (I, D), pd)
 
         Bn, T, _ = x_BTD.shape
-        zxbcdt = x_BTD.astype(dt) @ in_proj.astype(dt)  # z | xBC | dt
+        zxbcdt = matmul(x_BTD.astype(dt), in_proj, dt)  # z | xBC | dt
         if s.use_bias:
             zxbcdt += self.param("in_proj_bias", part(zeros, ("ssm_proj",)), (I + Y + N,), pd).astype(dt)
         z_BTI, xbc_BTY, dt_BTN = jnp.split(zxbcdt, [I, I + Y], axis=-1)
@@ -428,14 +429,19 @@ class Mamba2Mixer(nn.Module):
             state = state.stepped(lengths_B, conv_BWY=conv_BWY, ssm_BQNHZ=ssm_BQNHZ)
         else:
             h0_BNHZ = None if state is None else current_state(state.ssm_BQNHZ, lengths_B)
-            y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, chunk_size=s.chunk_size,
-                                    initial_state_BNHZ=h0_BNHZ, segment_ids_BT=segment_ids_BT)
+            if s.impl == "xla":
+                y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, chunk_size=s.chunk_size,
+                                        initial_state_BNHZ=h0_BNHZ, segment_ids_BT=segment_ids_BT)
+            else:  # lmx.pallas's SSD kernels (its "auto" falls back to ssd_chunked off a GPU)
+                y_BTNH, _ = pallas_ssd(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, chunk=s.chunk_size,
+                                       initial_state=h0_BNHZ, segment_ids=segment_ids_BT, impl=s.impl,
+                                       interpret=model_interpret(s.impl))
             if state is not None:
                 state = state.replace(pending=Mamba2Pending(lengths_B, x_BTNH * delta_BTN[..., None],
                                                             delta_BTN * A_N, B_BTUZ, xbc_BTY))
         y_BTNH = y_BTNH + x_BTNH * D_N.astype(F32)[:, None]
         y_BTI = GatedRMSNorm(U, cfg.norm_eps, F32, pd, name="norm")(y_BTNH.reshape(Bn, T, I), z_BTI)
-        y_BTD = y_BTI.astype(dt) @ out_proj.astype(dt)
+        y_BTD = matmul(y_BTI.astype(dt), out_proj, dt)
         if s.use_bias:
             y_BTD += self.param("out_proj_bias", part(zeros, ("embed",)), (D,), pd).astype(dt)
         return y_BTD, state

@@ -2,7 +2,13 @@
 equals a teacher-forced reference in which every generated position's deeper layers see the exited hidden state
 (CALM's propagation: what later tokens attend to); the skipped layers' matmuls sit in a branch that only runs
 when some row stays (checked in the traced program and in the compiled HLO), FLOP stats count what ran;
-self-speculation with an exit as the draft is exact; bad input fails naming the value."""
+self-speculation with an exit as the draft is exact; bad input fails naming the value. On a hybrid (SSM +
+attention) model with a DYNAMAX classifier: never firing is greedy, an exited token's propagated SSM state and KV
+are what a later full-depth token reads, mixed depths keep each row exact, and the all-exited branch runs only
+the skipped layers' state fills (compiled HLO)."""
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +17,7 @@ import pytest
 
 from lmx.decoding import SelfDraft, generate, speculative_generate
 from lmx.decoding.early_exit import EarlyExit, early_exit_generate
+from lmx.decoding.generate import prefill
 from lmx.models import build, decode_params, embed, head, init_params, init_state, make_ctx, preset, run_layers
 from lmx.models.early_exit import ExitConfig
 
@@ -146,10 +153,148 @@ def test_bad_early_exit_input_fails_naming_the_value(model, kw, match):
         early_exit_generate(m, params, PROMPTS, max_new_tokens=T, **kw)
 
 
-def test_early_exit_needs_exits_and_gates(model):
+def test_early_exit_needs_exits_gates_and_classifiers(model):
     # The stepper is checked before the params are touched (None here), so nothing compiles.
     with pytest.raises(ValueError, match="needs a model with exits"):
         early_exit_generate(build(preset("llama-tiny", num_layers=2)), None, PROMPTS, max_new_tokens=T)
     m = build(preset("llama-tiny", num_layers=2, exits=ExitConfig(layers=(1,))))
     with pytest.raises(ValueError, match="measure='gate' needs exit gates"):
         early_exit_generate(m, None, PROMPTS, max_new_tokens=T, measure="gate")
+    with pytest.raises(ValueError, match="measure='classifier' needs exit classifiers"):
+        early_exit_generate(m, None, PROMPTS, max_new_tokens=T, measure="classifier")
+
+
+# ------------------------------------------------------------------- SSM layers and DYNAMAX exit classifiers
+
+
+@pytest.fixture(scope="module")
+def hybrid(tiny):
+    """(ssm, attn) x 2 with an exit after the first unit and a DYNAMAX classifier: the exit skips an SSM and an
+    attention layer. Batches of 3 rows; a batch of one prompt three times is that prompt alone (identical rows
+    exit together, so the all-exited branch runs as at batch 1) in the same program."""
+    return tiny("hybrid-tiny", num_layers=4, layer_pattern=("ssm", "attn") * 2,
+                exits=ExitConfig(layers=(2,), classifier="mamba"))
+
+
+def _padded(prompts, continuations):
+    """Prompts + continuations, right-padded to one width (one compiled reference for every check)."""
+    seq_BS = np.zeros((len(prompts), max(map(len, PROMPTS)) + T), np.int32)
+    for b, (prompt, cont) in enumerate(zip(prompts, continuations, strict=True)):
+        seq_BS[b, :len(prompt) + len(cont)] = prompt + list(cont)
+    return seq_BS, np.array([len(p) for p in prompts])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pinned_reference(m, params, seq_BS, pinned_BS):
+    """Teacher-forced, layer by layer (causal: right padding changes no earlier position). At the pinned positions
+    layers >= 2 take layer 2's input, the exited state, as CALM's propagation fills them: (final logits, exit 0's
+    logits)."""
+    dp = decode_params(m, params)
+    x = embed(m, dp, seq_BS)
+    ctx = make_ctx(jnp.zeros(seq_BS.shape[0], jnp.int32), seq_BS.shape[1])
+    pin = x
+    for l in range(m.cfg.num_layers):
+        pin = x if l == 2 else pin
+        x, _ = run_layers(m, dp, jnp.where(pinned_BS[..., None] & (l >= 2), pin, x), None, ctx, l, l + 1)
+    return head(m, dp, x)[0], head(m, dp, pin)[0]
+
+
+def test_ssm_model_with_a_classifier_that_never_fires_is_greedy(hybrid):
+    """Each token is the full model's teacher-forced argmax (greedy), with its log-prob."""
+    m, params = hybrid
+    e = jax.device_get(early_exit_generate(m, params, PROMPTS, max_new_tokens=T, measure="classifier",
+                                           threshold=1.0))
+    seq_BS, n_B = _padded(PROMPTS, e.tokens_BRT[:, 0])
+    logp_BSV = jax.nn.log_softmax(_pinned_reference(m, params, seq_BS, np.zeros(seq_BS.shape, bool))[0])
+    for b, n in enumerate(n_B):
+        at = np.arange(n - 1, n + T - 1)
+        np.testing.assert_array_equal(e.tokens_BRT[b, 0], np.argmax(logp_BSV[b, at], -1))
+        np.testing.assert_allclose(e.logprobs_BRT[b, 0], logp_BSV[b, at, seq_BS[b, at + 1]], atol=1e-4)
+    assert float(e.stats["layers_per_token"]) == 4 and float(e.stats["overflow"]) == 0
+
+
+def test_ssm_model_exiting_tokens_leave_the_propagated_state(hybrid):
+    """A token exits after layer 2 (a threshold that always fires), then the next runs the full depth (one that
+    never does), fed step by step. The exit's logits are the truncated model's, and the next token reads what it
+    left: the skipped SSM layer's state advanced on the exited hidden state (as the skipped attention layer's KV
+    was filled from it), so its logits are those of the teacher-forced reference whose layers >= 2 take the
+    exited state at the exited position."""
+    m, params = hybrid
+    seq_BS, n_B = _padded(PROMPTS, [[7, 8]] * 3)
+
+    @jax.jit
+    def exit_then_full(params, prompt_BT, n_B, tok_BK):
+        dp = decode_params(m, params)
+        _, state = prefill(m, dp, prompt_BT, n_B, init_state(m.cfg, 3, 16, rollback_window=0))
+        logits = []
+        for k, step in enumerate((EarlyExit("softmax", 0.0), EarlyExit("softmax", 1.0))):
+            logits_XV, state, _ = step(m, dp, tok_BK[:, k], state, step.init(m.cfg, 3), jnp.ones(3, bool))
+            logits.append(logits_XV)
+        return logits
+
+    rows = np.arange(3)
+    exited, after = exit_then_full(params, seq_BS[:, :max(n_B)], n_B, seq_BS[rows[:, None], n_B[:, None] + [0, 1]])
+    full, exit0 = _pinned_reference(m, params, seq_BS, np.arange(seq_BS.shape[1])[None] == n_B[:, None])
+    np.testing.assert_allclose(exited, exit0[rows, n_B], atol=1e-4)
+    np.testing.assert_allclose(after, full[rows, n_B + 1], atol=1e-4)
+    assert np.abs(np.asarray(full[rows, n_B + 1]) - np.asarray(exit0[rows, n_B + 1])).max() > 0.1
+
+
+def test_ssm_rows_exiting_by_their_classifier_produce_what_each_would_alone(hybrid):
+    """Mixed depths in a batch: exited rows are pinned through the SSM layers and their classifier states advance
+    on the exited state, so every row's tokens are those it produces alone."""
+    m, params = hybrid
+    run = lambda prompts: jax.device_get(early_exit_generate(  # noqa: E731
+        m, params, prompts, max_new_tokens=T, measure="classifier", threshold=0.5))
+    e = run(PROMPTS)
+    assert 0.1 < float(e.stats["early_exit_fraction"]) < 0.9
+    for b, prompt in enumerate(PROMPTS):
+        alone = run([prompt] * 3)
+        np.testing.assert_array_equal(e.tokens_BRT[b], alone.tokens_BRT[0])
+        np.testing.assert_allclose(e.logprobs_BRT[b], alone.logprobs_BRT[0], atol=1e-5)
+
+
+def _hlo_computations(text):
+    comps, body = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m:
+            body = comps[m.group(1)] = []
+        elif body is not None:
+            body.append(line)
+    return comps
+
+
+def _hlo_dot_widths(comps, root):
+    """The output widths of the dots computation `root` runs, following fusions and nested computations."""
+    seen, todo, widths = set(), [root], []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for line in comps[name]:
+            if re.search(r"\sdot\(", line):
+                widths.append(int(re.search(r"= f32\[([\d,]*)\]", line).group(1).split(",")[-1]))
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                todo += [n.strip().lstrip("%") for n in group.split(",")]
+    return sorted(widths)
+
+
+def test_skipped_ssm_layers_run_only_their_state_update(hybrid):
+    """In the compiled decode call, the branch taken when every row has exited runs the SSM layer's in-projection
+    (its state update; width I + Y + N = 328) and the attention layer's K and V projections (32 each): not the SSM
+    layer's out-projection, nor the attention layer's q, o and MLP, which the other branch holds."""
+    m, params = hybrid
+    step = EarlyExit("softmax", 0.5)
+
+    def one(dp, tok_X, state):
+        return step(m, dp, tok_X, state, step.init(m.cfg, 2), jnp.ones(2, bool))
+
+    text = jax.jit(one).lower(decode_params(m, params), jnp.array([1, 2]), init_state(m.cfg, 2, 16, rollback_window=0)
+                              ).compile().as_text()
+    comps = _hlo_computations(text)
+    (rest, fill), = re.findall(r"conditional\(.*branch_computations=\{%?([\w.\-]+), %?([\w.\-]+)\}", text)
+    assert _hlo_dot_widths(comps, fill) == [32, 32, 328]  # (the one exit's classifier runs before the branch)
+    assert 64 in _hlo_dot_widths(comps, rest) and 192 in _hlo_dot_widths(comps, rest)  # out-projection, MLP

@@ -1,5 +1,6 @@
 """Relaxed recursive transformer: equal to the looped base with zero LoRA, full-rank conversion equal to the base,
-cached decode equal to teacher-forced, loop exits, trains, fewer params, bad input.
+cached decode equal to teacher-forced, loop exits (teacher-forced, and early-exit decoding after a loop), trains,
+fewer params, bad input.
 
 To keep the file fast, every teacher-forced call runs on tokens [2, 9] and every relaxed model has N = 4, K = 2 and
 rank R = 64 with loop exits on (lower ranks are zero-padded to R: the same function), so each program compiles
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from lmx.decoding.early_exit import early_exit_generate
 from lmx.decoding.generate import generate
 from lmx.decoding.sampling import Greedy
 from lmx.models import build, decode_params, forward, init_state, preset
@@ -133,6 +135,35 @@ def test_loop_exits_are_the_head_after_each_loop():
     want = first_loop(decode_params(model, params), TOKENS_BT)
     np.testing.assert_allclose(out.aux["loop_logits_EBTV"][0], want, atol=1e-5)
     assert float(jnp.max(jnp.abs(want - out.logits_BTV))) > 0.1  # the first loop is not the whole model
+
+
+def test_early_exit_decoding_stops_after_a_loop():
+    """Early-exit decoding over the loops (EarlyExit with the model's decode_exits hook): a threshold that never
+    fires is greedy; one that always fires stops every token after the first loop, whose tokens are then the
+    first loop's teacher-forced exit (loop_logits_EBTV[0], the K-depth truncated model: with attention alone,
+    what the skipped depths' KV is filled with is never read by a token that exits after loop 1)."""
+    model, full = _full_rank()
+    params = _truncated(full, 16)  # the program and prompts of test_cached_decode_equals_teacher_forced
+    prompts = [[5, 7, 9, 11], [3, 1]]
+    greedy = generate(model, params, prompts, max_new_tokens=5, sampler=Greedy())
+    never = early_exit_generate(model, params, prompts, max_new_tokens=5, measure="softmax", threshold=1.0)
+    np.testing.assert_array_equal(never.tokens_BRT, greedy.tokens_BRT)
+    np.testing.assert_allclose(never.logprobs_BRT, greedy.logprobs_BRT, atol=1e-5)
+    assert float(never.stats["layers_per_token"]) == N
+    always = early_exit_generate(model, params, prompts, max_new_tokens=5, measure="softmax", threshold=0.0)
+    assert float(always.stats["layers_per_token"]) == K == float(always.stats["executed_layers_per_call"])
+    seqs = np.zeros((2, 9), np.int32)
+    for i, p in enumerate(prompts):
+        seqs[i, :len(p) + 5] = p + always.tokens_BRT[i, 0].tolist()
+    loop1 = jax.nn.log_softmax(_forward_fn(model)(params, jnp.asarray(seqs)).aux["loop_logits_EBTV"][0])
+    for i, p in enumerate(prompts):
+        at = np.arange(len(p), len(p) + 4)  # the first token comes from the full-depth prefill
+        np.testing.assert_array_equal(always.tokens_BRT[i, 0, 1:], np.argmax(loop1[i, at], -1))
+        np.testing.assert_allclose(always.logprobs_BRT[i, 0, 1:], loop1[i, at, seqs[i, at + 1]], atol=1e-4)
+    assert not np.array_equal(always.tokens_BRT, greedy.tokens_BRT)
+    with pytest.raises(ValueError, match="loop_exits=True"):  # no loop exits: nothing to stop at
+        early_exit_generate(build(model.cfg.replace(recursion=RecursionConfig(K, R))), None, prompts,
+                            max_new_tokens=5)
 
 
 def test_trains_shared_and_lora_params():
