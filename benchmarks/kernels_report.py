@@ -8,9 +8,11 @@ import sys
 
 
 def render(lines: list[dict]) -> str:
-    env = next((r for r in lines if r.get("name") == "environment"), {})
+    envs = [r for r in lines if r.get("name") == "environment"] or [{}]
+    env = envs[0]
+    commands = "; ".join(f"`{e.get('command', 'python -m benchmarks.kernels')}`" for e in envs)
     out = [f"## Kernels on {env.get('device', '?')} (jax {env.get('jax', '?')}, backend {env.get('backend', '?')})",
-           "", f"Command: `{env.get('command', 'python -m benchmarks.kernels')}`", "",
+           "", f"Commands: {commands}", "",
            "| op | metric | value | baseline | ratio | details |", "|---|---|---|---|---|---|"]
     for r in lines:
         if r.get("name") == "environment" or r.get("metric") == "wall_s":

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import copy_bandwidth
 from lmx.pallas.decode_attention import decode_attention, default_block_s, default_num_splits
 
 N, K, H = 32, 8, 128
@@ -59,20 +60,6 @@ def _seconds_per_call(fn, args, reps: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def _copy_bandwidth(nbytes: int = 4 << 30, runs: int = 10) -> float:
-    """Device-to-device copy bandwidth: bytes read + written per second, median of `runs`."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda x: x.copy())
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t0)
-    del x
-    return 2 * nbytes / statistics.median(times)
-
-
 def _quick(emit):
     rng = np.random.default_rng(0)  # numpy: eager jax.random costs more CPU than the check itself
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(2, 4, 16), (2, 2, 16, 40), (2, 2, 40, 16)])
@@ -92,7 +79,7 @@ def run(emit, quick: bool):
         emit("decode_attention/skipped", "info", None, reason=f"needs a GPU, backend is {jax.default_backend()!r}")
         return
     emit("decode_attention/env", "info", None, jax=jax.__version__, device=jax.devices()[0].device_kind)
-    peak = _copy_bandwidth()
+    peak = copy_bandwidth()
     emit("decode_attention/copy_peak", "bytes_per_s", peak)
     kernel = functools.partial(decode_attention, impl="pallas")
     ref = functools.partial(decode_attention, impl="xla")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import copy_bandwidth
 from lmx.pallas.quant_matmul import quant_matmul, quantize
 
 ROWS = (1, 4, 16)
@@ -59,20 +60,6 @@ def _seconds_per_call(fn, x, w, reps: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def _copy_bandwidth(nbytes: int = 4 << 30, runs: int = 10) -> float:
-    """Device-to-device copy bandwidth: bytes read + written per second, median of `runs`."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda x: x.copy())
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t0)
-    del x
-    return 2 * nbytes / statistics.median(times)
-
-
 def _quick(emit):
     rng = np.random.default_rng(0)  # numpy: eager jax.random costs more CPU than the check itself
     w = jnp.asarray(rng.standard_normal((192, 48)), jnp.float32)
@@ -93,7 +80,7 @@ def run(emit, quick: bool):
         emit("quant_matmul/skipped", "info", None, reason=f"needs a GPU, backend is {jax.default_backend()!r}")
         return
     emit("quant_matmul/env", "info", None, jax=jax.__version__, device=jax.devices()[0].device_kind)
-    peak = _copy_bandwidth()
+    peak = copy_bandwidth()
     emit("quant_matmul/copy_peak", "bytes_per_s", peak)
     kernel = functools.partial(quant_matmul, impl="pallas")
     ref = jax.jit(functools.partial(quant_matmul, impl="xla"))
