@@ -24,6 +24,18 @@ def tiny():
 _unexpected_skips = []
 
 
+# The suite's longest tests (notebook kernels, study runs, 8-device subprocesses: 15-35 s each) start first, so the
+# two xdist workers end together on short tests instead of one waiting out a long tail alone.
+LONG_FIRST = ("tests/test_notebooks.py", "tests/test_pipeline.py", "tests/test_efficient_rl_study.py",
+              "tests/test_sharding.py", "tests/train/test_sharded.py", "tests/test_parscale_study.py",
+              "tests/test_tts_study.py", "tests/train/test_rl_train.py", "tests/train/test_rl_loop.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FIRST)))  # stable: the rest keep order
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "allowed_skip: this test may be skipped without failing the run")
 

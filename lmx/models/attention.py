@@ -138,11 +138,12 @@ class Attention(nn.Module):
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "heads", "head_dim"))
 
         if state is None:
-            mask = attention_mask(slots_BT, slots_BT, window=a.sliding_window,
-                                  q_seg_BT=segment_ids_BT, k_seg_BS=segment_ids_BT)
             if a.impl == "xla":
+                mask = attention_mask(slots_BT, slots_BT, window=a.sliding_window,
+                                      q_seg_BT=segment_ids_BT, k_seg_BS=segment_ids_BT)
                 o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
-            else:  # lmx.pallas's flash attention (its "auto" falls back to its own reference off a GPU)
+            else:  # lmx.pallas's flash attention over positions 0..T-1, the slots of a teacher-forced call ("auto"
+                # falls back to its own reference off a GPU)
                 o_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=segment_ids_BT,
                                          sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H), impl=a.impl,
                                          interpret=model_interpret(a.impl))
