@@ -19,39 +19,26 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import ConfigDict, config_flags
+from absl import app, flags
+from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from lmx.data import CharTokenizer, batches, get_task, held_out_problems, prompt_batch
 from lmx.decoding import Greedy, generate
 from lmx.models import build
 from lmx.train.checkpoint import Checkpointer
-from lmx.train.loop import as_dict, model_config, train
+from lmx.train.loop import as_dict, load_run, model_config, train
 from lmx.train.metrics import MetricsWriter, read_metrics
 from lmx.train.optim import OptimConfig, lr_schedule, make_optimizer
 from lmx.train.report import quiet_orbax, write_report
 from lmx.train.sft import evaluate, make_distill_loss, make_train_step
-from lmx.train.state import TrainState, abstract_state
+from lmx.train.state import TrainState
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/distill.py", "Distillation config.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/distill/<timestamp>).")
 _TEACHER_DIR = flags.DEFINE_string("teacher_dir", None, "A quickstart / sft run directory whose latest "
                                    "checkpoint is the teacher (default: train one first).")
-
-
-def load_teacher(teacher_dir: Path, tok):
-    """(teacher run config, model, params) from a run dir's config.json and latest checkpoint."""
-    tcfg = ConfigDict(json.loads((teacher_dir / "config.json").read_text()))
-    model = build(model_config(tcfg.model, tok.vocab_size))
-    optimizer = make_optimizer(OptimConfig.from_dict(as_dict(tcfg.optim)))
-    with Checkpointer(teacher_dir / "checkpoints", every=1, keep=None) as ckpt:
-        restored = ckpt.restore_latest(abstract_state(model, optimizer))
-        if restored is None:
-            raise FileNotFoundError(f"no checkpoint under {teacher_dir / 'checkpoints'}")
-        logging.info("teacher: %s step %d", teacher_dir, ckpt.latest_step())
-    return tcfg, model, restored[0].params
 
 
 def train_student(cfg, run_dir: Path, model, teacher_model, teacher_params, task, tok):
@@ -132,7 +119,7 @@ def main(argv):
 
     if _TEACHER_DIR.value:
         teacher_dir = Path(_TEACHER_DIR.value)
-        tcfg, teacher_model, teacher_params = load_teacher(teacher_dir, tok)
+        tcfg, teacher_model, teacher_params = load_run(teacher_dir, tok.vocab_size, what="teacher")
     else:
         teacher_dir, tcfg = run_dir / "teacher", cfg.teacher
         result = train(tcfg, teacher_dir)

@@ -15,37 +15,24 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
 from lmx.data import CharTokenizer, get_task, held_out_problems
 from lmx.models import QuantizedWeight, build, quantize_params
-from lmx.train.checkpoint import Checkpointer
-from lmx.train.loop import as_dict, model_config, train, write_config
-from lmx.train.optim import OptimConfig, make_optimizer
+from lmx.train.loop import as_dict, load_run, model_config, train, write_config
 from lmx.train.report import quiet_orbax
 from lmx.train.sft import evaluate
-from lmx.train.state import abstract_state
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/quantize.py", "Quantization config.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/quantize/<timestamp>).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """--config and --workdir, only when run as a script (other code may import the module)."""
+    config_flags.DEFINE_config_file("config", "experiments/configs/quantize.py", "Quantization config.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (default runs/quantize/<timestamp>).")
 
 FORMATS = {"int8": 8, "int4": 4, "int2": 2, "mixed": "mixed"}
-
-
-def load_run(run_dir: Path, tok):
-    """(run config, model, params) from a quickstart / SFT run dir's config.json and latest checkpoint."""
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"config.init_from={str(run_dir)!r} is not a run directory (no config.json)")
-    rcfg = ConfigDict(json.loads((run_dir / "config.json").read_text()))
-    model = build(model_config(rcfg.model, tok.vocab_size))
-    optimizer = make_optimizer(OptimConfig.from_dict(as_dict(rcfg.optim)))
-    with Checkpointer(run_dir / "checkpoints", every=1, keep=None) as ckpt:
-        restored = ckpt.restore_latest(abstract_state(model, optimizer))
-        if restored is None:
-            raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}")
-        logging.info("model: %s step %d", run_dir, ckpt.latest_step())
-    return rcfg, model, restored[0].params
 
 
 def matrix_bytes(params) -> tuple[int, int]:
@@ -60,20 +47,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_orbax()
-    cfg = _CONFIG.value
+    cfg = FLAGS.config
     q = cfg.quant
     formats = [f for f in str(q.formats).split(",") if f]
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"config.quant.formats: unknown {sorted(unknown)}; choose from {sorted(FORMATS)}")
-    run_dir = Path(_WORKDIR.value or Path("runs/quantize") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(FLAGS.workdir or Path("runs/quantize") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir, 0)
     t0 = time.time()
     tok = CharTokenizer()
     if cfg.init_from:
         src = Path(cfg.init_from)
-        rcfg, model, params = load_run(src, tok)
+        rcfg, model, params = load_run(src, tok.vocab_size)
     else:
         src, rcfg = run_dir / "quickstart", cfg
         params = train(cfg, src).params
@@ -124,4 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -76,6 +76,22 @@ def model_config(cfg_model, vocab_size: int) -> ModelConfig:
     return base.replace(**{**top, "attention": attn, "vocab_size": vocab_size})
 
 
+def load_run(run_dir, vocab_size: int, what: str = "run"):
+    """(the run's config, model, params) from a `train` run directory: its config.json and latest checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    rcfg = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
+    model = build(model_config(rcfg.model, vocab_size))
+    optimizer = make_optimizer(OptimConfig.from_dict(as_dict(rcfg.optim)))
+    with Checkpointer(run_dir / "checkpoints", every=1, keep=None) as ckpt:
+        restored = ckpt.restore_latest(abstract_state(model, optimizer))
+        if restored is None:
+            raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}")
+        logging.info("%s: %s step %d", what, run_dir, ckpt.latest_step())
+    return rcfg, model, restored[0].params
+
+
 def optim_config(cfg) -> OptimConfig:
     return OptimConfig.from_dict(as_dict(cfg.optim))
 
