@@ -32,7 +32,7 @@ import numpy as np
 from lmx.models.config import ModelConfig
 
 
-def _ssm_layer_params(cfg: ModelConfig) -> int:
+def ssm_layer_params(cfg: ModelConfig) -> int:
     """A Mamba-2 block: in_proj, conv (+ bias), dt_bias, A_log, D, gated norm, out_proj (+ biases), block norm."""
     s, D = cfg.ssm, cfg.d_model
     if s.variant == "mamba3":
@@ -68,7 +68,7 @@ def param_count(cfg: ModelConfig) -> int:
 
         return recursive_count(cfg)
     D, V = cfg.d_model, cfg.vocab_size
-    ssm = _ssm_layer_params(cfg) * cfg.num_ssm_layers if cfg.num_ssm_layers else 0
+    ssm = ssm_layer_params(cfg) * cfg.num_ssm_layers if cfg.num_ssm_layers else 0
     return V * D + cfg.num_attn_layers * attn_layer_params(cfg) + ssm + D + (0 if cfg.tie_embeddings else D * V)
 
 

@@ -186,7 +186,7 @@ class _Flops:
 
     def __init__(self, cfg):
         a, D = cfg.attention, cfg.d_model
-        ssm = 2.0 * _ssm_layer_params(cfg) if cfg.num_ssm_layers else 0.0
+        ssm = 2.0 * cost.ssm_layer_params(cfg) if cfg.num_ssm_layers else 0.0
         self.cfg, self.head, self.per_key = cfg, 2.0 * (D * cfg.vocab_size + D), 4.0 * a.num_heads * a.head_dim
         self.layer = {"attn": 2.0 * cost.attn_layer_params(cfg), "ssm": ssm}
         self.fill = {"attn": 2.0 * 2 * D * a.num_kv_heads * a.head_dim,
@@ -196,14 +196,6 @@ class _Flops:
         w = self.cfg.attention.sliding_window
         keys_X = (lengths_X + 1 if w is None else jnp.minimum(lengths_X + 1, w)).astype(jnp.float32)
         return c["matmul"] + c["attn_run"] * self.per_key * keys_X
-
-
-def _ssm_layer_params(cfg) -> int:
-    """One SSM layer's parameters: cost.param_count's total less the embedding, head, final norm and attention
-    layers, over the SSM layers."""
-    D, V = cfg.d_model, cfg.vocab_size
-    rest = V * D + D + (0 if cfg.tie_embeddings else D * V) + cfg.num_attn_layers * cost.attn_layer_params(cfg)
-    return (cost.param_count(cfg) - rest) // cfg.num_ssm_layers
 
 
 def early_exit_generate(model, params, prompts, *, measure: str = "softmax", threshold: float = 0.9, **kwargs):
