@@ -7,6 +7,7 @@ silenced by its message (not all warnings)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -26,8 +27,8 @@ IMPLS = ("auto", "xla", "pallas")
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"  # the custom call a Triton pallas_call lowers to
 log = logging.getLogger("lmx.pallas")
 
-__all__ = ["IMPLS", "MIN_DOT", "TRITON_CUSTOM_CALL", "cuda_export", "kernel_dot_shapes", "model_interpret", "on_gpu",
-           "pl", "pltriton", "resolve_impl", "triton_params"]
+__all__ = ["IMPLS", "MIN_DOT", "TRITON_CUSTOM_CALL", "cuda_export", "kernel_dot_shapes", "lowering_for_gpu",
+           "model_interpret", "on_gpu", "pl", "pltriton", "resolve_impl", "triton_params"]
 
 
 def triton_params(num_warps: int = 4, num_stages: int = 2):
@@ -97,7 +98,21 @@ def cuda_export(fn, *args_or_shapes):
                          disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(*shapes)
 
 
+_FOR_GPU = [False]
+
+
+@contextlib.contextmanager
+def lowering_for_gpu():
+    """While active, models build their kernels as on a GPU (interpret=False) even on a CPU: a model traced inside
+    it can be cross-lowered with `cuda_export` (its kernels lower to Triton), not run."""
+    before, _FOR_GPU[0] = _FOR_GPU[0], True
+    try:
+        yield
+    finally:
+        _FOR_GPU[0] = before
+
+
 def model_interpret(impl: str) -> bool:
     """The interpret flag a model passes with its config's impl: kernels off a GPU run only in interpret mode, so
     impl="pallas" on a CPU interprets them (the model-level tests); "auto" there runs the XLA reference instead."""
-    return impl == "pallas" and not on_gpu()
+    return impl == "pallas" and not (on_gpu() or _FOR_GPU[0])
