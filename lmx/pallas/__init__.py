@@ -9,8 +9,9 @@
 
 Every op takes `impl` in "auto" | "xla" | "pallas" and `interpret=` (CPU tests): "xla" is the reference in the
 same module, "pallas" the kernel (a ValueError names an input it cannot take), "auto" the kernel on a GPU for
-supported inputs and otherwise the reference, logging why (`_compat.resolve_impl`). Kernels use the Pallas Triton
-lowering; `_compat` holds what differs between jax versions."""
+supported inputs that it compiles for (each configuration is compiled once on its own first), and otherwise the
+reference, logging why (`_compat.resolve_impl`). Kernels use the Pallas Triton lowering; `_compat` holds what
+differs between jax versions, and `lowering_for_gpu` + `cuda_export` cross-lower a model's kernels on a CPU."""
 
 from lmx.pallas.decode_attention import decode_attention
 from lmx.pallas.flash_attention import flash_attention

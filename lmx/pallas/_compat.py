@@ -27,8 +27,8 @@ IMPLS = ("auto", "xla", "pallas")
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"  # the custom call a Triton pallas_call lowers to
 log = logging.getLogger("lmx.pallas")
 
-__all__ = ["IMPLS", "MIN_DOT", "TRITON_CUSTOM_CALL", "cuda_export", "kernel_dot_shapes", "lowering_for_gpu",
-           "model_interpret", "on_gpu", "pl", "pltriton", "resolve_impl", "triton_params"]
+__all__ = ["IMPLS", "MIN_DOT", "TRITON_CUSTOM_CALL", "cuda_export", "kernel_compiles", "kernel_dot_shapes",
+           "lowering_for_gpu", "model_interpret", "on_gpu", "pl", "pltriton", "resolve_impl", "triton_params"]
 
 
 def triton_params(num_warps: int = 4, num_stages: int = 2):
@@ -41,12 +41,14 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def resolve_impl(op: str, impl: str, unsupported: str | None, interpret: bool = False) -> str:
+def resolve_impl(op: str, impl: str, unsupported: str | None, interpret: bool = False, probe=None) -> str:
     """The implementation a call runs: "xla" (the pure-jnp reference) or "pallas".
 
     unsupported: why the kernel cannot take these inputs (dtype, head dim, block shape...), or None.
     "pallas" with an unsupported input raises naming it; "auto" runs the kernel only on a GPU (or under
-    interpret=True) with supported inputs, and otherwise falls back to the reference and logs why."""
+    interpret=True) with supported inputs, and otherwise falls back to the reference and logs why.
+    probe: None, or a thunk -> why the compiled kernel fails to build for these inputs (`kernel_compiles`), or
+    None: "auto" on a GPU calls it and falls back on a lowering or compile error too."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl={impl!r} must be one of {IMPLS}")
     if impl == "xla":
@@ -58,11 +60,37 @@ def resolve_impl(op: str, impl: str, unsupported: str | None, interpret: bool = 
     if unsupported is not None:
         log.info("%s: impl='auto' falls back to the XLA reference: %s", op, unsupported)
         return "xla"
-    if not (interpret or on_gpu()):
+    if interpret:
+        return "pallas"
+    if not on_gpu():
         log.info("%s: impl='auto' runs the XLA reference on backend %r (kernels need a GPU)", op,
                  jax.default_backend())
         return "xla"
+    failed = None if probe is None else probe()
+    if failed is not None:
+        log.warning("%s: impl='auto' falls back to the XLA reference: %s", op, failed)
+        return "xla"
     return "pallas"
+
+
+_BUILDS: dict = {}  # (op, static config, argument shapes) -> None, or why the kernel failed to build
+
+
+def kernel_compiles(op: str, static, fn, *args) -> str | None:
+    """Why jit(fn) fails to lower or compile for args' shapes and dtypes on this backend (None if it builds):
+    "auto"'s probe. The Triton compiler runs only on a GPU, at XLA compile time, where an error would otherwise
+    end the caller's whole program; so each (op, static, shapes) is compiled once on its own, here, and the answer
+    kept. fn should be the kernel path as it will be used (differentiated where the kernel has a backward)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    key = (op, static, str(jax.tree.structure(shapes)),
+           tuple((s.shape, str(s.dtype)) for s in jax.tree.leaves(shapes)))
+    if key not in _BUILDS:
+        try:
+            jax.jit(fn).lower(*shapes).compile()
+            _BUILDS[key] = None
+        except Exception as e:  # noqa: BLE001 - any lowering / compiler error is a reason to fall back
+            _BUILDS[key] = f"the kernel failed to build ({type(e).__name__}: {str(e).strip()[:300]})"
+    return _BUILDS[key]
 
 
 MIN_DOT = 16  # Triton's tl.dot needs every operand dimension >= 16

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lmx.pallas._compat import pl, pltriton, resolve_impl, triton_params
+from lmx.pallas._compat import kernel_compiles, pl, pltriton, resolve_impl, triton_params
 
 OP = "decode_attention"
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -258,8 +258,9 @@ def decode_attention(q_BNH, k_BKHS, v_BKSH, lengths_B, *, sliding_window: int | 
     num_splits = default_num_splits(B, K, S, block_s) if num_splits is None else num_splits
     unsupported = _unsupported(q_BNH, k_BKHS, v_BKSH, block_s, num_splits)
     sm_scale = 1.0 / math.sqrt(H) if sm_scale is None else float(sm_scale)
-    if resolve_impl(OP, impl, unsupported, interpret) == "xla":
+    cfg = _Config(sm_scale, sliding_window, block_s, num_splits, interpret)
+    probe = lambda: kernel_compiles(OP, cfg, lambda *a: _decode_kernel(*a, cfg), q_BNH, k_BKHS, v_BKSH, lengths_B)
+    if resolve_impl(OP, impl, unsupported, interpret, probe) == "xla":
         return decode_attention_reference(q_BNH, k_BKHS, v_BKSH, lengths_B, sliding_window=sliding_window,
                                           sm_scale=sm_scale)
-    cfg = _Config(sm_scale, sliding_window, block_s, num_splits, interpret)
     return _decode_kernel(q_BNH, k_BKHS, v_BKSH, lengths_B, cfg)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmx.pallas._compat import pl, pltriton, resolve_impl, triton_params
+from lmx.pallas._compat import kernel_compiles, pl, pltriton, resolve_impl, triton_params
 
 __all__ = ["flash_attention", "flash_attention_reference"]
 
@@ -89,12 +89,14 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, causal=True, segment_ids=None, sl
     block_k = _default_block(S) if block_k is None else block_k
     unsupported = _unsupported(q_BTNH, k_BSKH, v_BSKH, block_q, block_k)
     sm_scale = 1.0 / math.sqrt(H) if sm_scale is None else float(sm_scale)
-    if resolve_impl("flash_attention", impl, unsupported, interpret) == "xla":
+    cfg = _Config(causal=causal, window=sliding_window, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+                  interpret=interpret)
+    grads = jax.grad(lambda q, k, v, *seg: _flash(q, k, v, *seg, cfg).astype(jnp.float32).sum(), (0, 1, 2))
+    probe = lambda: kernel_compiles("flash_attention", cfg, grads, q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS)
+    if resolve_impl("flash_attention", impl, unsupported, interpret, probe) == "xla":
         return flash_attention_reference(q_BTNH, k_BSKH, v_BSKH, causal=causal, q_segment_ids_BT=q_seg_BT,
                                          kv_segment_ids_BS=kv_seg_BS, sliding_window=sliding_window,
                                          sm_scale=sm_scale)
-    cfg = _Config(causal=causal, window=sliding_window, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                  interpret=interpret)
     return _flash(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, cfg)
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmx.pallas._compat import pl, pltriton, resolve_impl, triton_params
+from lmx.pallas._compat import kernel_compiles, pl, pltriton, resolve_impl, triton_params
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 KERNEL_BITS = (2, 4, 8, "mixed")
@@ -459,14 +459,18 @@ def quant_matmul(x_BI, qw: QuantizedWeight, *, impl: str = "auto", interpret: bo
         raise ValueError(f"quant_matmul: x has shape {tuple(x_BI.shape)}, expected [..., I={qw.I}]")
     lead = x_BI.shape[:-1]
     x2 = x_BI.reshape(-1, qw.I)
-    which = resolve_impl("quant_matmul", impl, unsupported(x2, qw, block_b, block_o), interpret)
-    if which == "xla":
-        y = quant_matmul_reference(x2, qw)
-    else:
+    why = unsupported(x2, qw, block_b, block_o)
+    mixed = qw.bits == "mixed"
+    planes = (qw.packed, qw.scale, qw.offset) + ((qw.packed4, qw.scale4, qw.offset4, qw.slots) if mixed else ())
+    c = None
+    if why is None:
         bb, bo = _blocks(x2.shape[0], qw.O, qw.tile, block_b, block_o)
-        mixed = qw.bits == "mixed"
         c = _Cfg(qw.bits, qw.group, x2.shape[0], qw.I, qw.O, qw.scale4.shape[0] if mixed else 0, qw.tile, bb, bo,
                  bool(interpret))
-        planes = (qw.packed, qw.scale, qw.offset) + ((qw.packed4, qw.scale4, qw.offset4, qw.slots) if mixed else ())
+    grad_x = jax.grad(lambda x, p: _kernel_matmul(c, x, p).astype(jnp.float32).sum())  # "auto"'s compile probe
+    probe = lambda: kernel_compiles("quant_matmul", c, grad_x, x2, planes)
+    if resolve_impl("quant_matmul", impl, why, interpret, probe) == "xla":
+        y = quant_matmul_reference(x2, qw)
+    else:
         y = _kernel_matmul(c, x2, planes)
     return y.reshape(*lead, qw.O)

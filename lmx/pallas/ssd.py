@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from lmx.pallas._compat import pl, pltriton, resolve_impl, triton_params
+from lmx.pallas._compat import kernel_compiles, pl, pltriton, resolve_impl, triton_params
 
 F32 = jnp.float32
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -85,7 +85,15 @@ def ssd(
     chunk: a power of two >= 16; the kernels use min(chunk, MAX_CHUNK), which changes only the rounding.
     Differentiable in x, dt, A, B, C and initial_state."""
     why = _unsupported(x_BTNH, dt_BTN, B_BTUZ, C_BTUZ, chunk)
-    if resolve_impl("ssd", impl, why, interpret) == "xla":
+
+    def total(*args):  # forward and backward kernels, for "auto"'s compile probe
+        y_BTNH, h_BNHZ = ssd_pallas(*args[:5], chunk=min(chunk, MAX_CHUNK), initial_state=args[5],
+                                    segment_ids=args[6], interpret=interpret)
+        return y_BTNH.sum() + h_BNHZ.sum()
+
+    probe = lambda: kernel_compiles("ssd", min(chunk, MAX_CHUNK), jax.grad(total, tuple(range(5))), x_BTNH, dt_BTN,
+                                    A_N, B_BTUZ, C_BTUZ, initial_state, segment_ids)
+    if resolve_impl("ssd", impl, why, interpret, probe) == "xla":
         from lmx.models.ssm import ssd_chunked  # lazily: ssm.py's mixer calls this function
 
         return ssd_chunked(x_BTNH, dt_BTN, A_N, B_BTUZ, C_BTUZ, chunk_size=chunk, initial_state_BNHZ=initial_state,
