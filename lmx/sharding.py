@@ -65,6 +65,44 @@ def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
         yield
 
 
+def per_shard(fn, in_axes, out_axes):
+    """`fn` run on each device's shard of its arguments under the current mesh (`use_mesh`), for ops XLA cannot
+    partition: a Pallas kernel is an opaque custom call, around which XLA's partitioner would gather every operand
+    and run the whole op on every device. in_axes: per positional argument, its logical axis names (None for an
+    unnamed axis; a None argument is passed through as it is); out_axes: the same for fn's outputs (a tuple of them
+    for several). Names resolve through the mesh's logical-axis rules, so fn must be exact on any split of those
+    axes (rows, heads); a name whose axis some argument cannot split evenly (a batch of 1 at init) stays whole.
+    Without a mesh of more than one device this is fn itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    several = isinstance(out_axes[0], tuple)
+
+    def call(*args):
+        if len(args) != len(in_axes):
+            raise ValueError(f"per_shard: {len(args)} arguments for {len(in_axes)} in_axes")
+        given = [i for i, a in enumerate(args) if a is not None]
+        split = {}  # logical name -> its mesh axes, if every argument's axis of that name divides evenly
+        for i in given:
+            for name, size in zip(in_axes[i], args[i].shape, strict=True):
+                axes = nn.logical_to_mesh_axes((name,))[0]
+                ways = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+                split[name] = axes if split.get(name, axes) == axes and size % ways == 0 else None
+        spec = lambda names: PartitionSpec(*(split.get(n) for n in names))  # noqa: E731
+
+        def local(*xs):
+            full = list(args)
+            for i, x in zip(given, xs, strict=True):
+                full[i] = x
+            return fn(*full)
+
+        outs = tuple(map(spec, out_axes)) if several else spec(out_axes)
+        return jax.shard_map(local, mesh=mesh, in_specs=tuple(spec(in_axes[i]) for i in given), out_specs=outs,
+                             check_vma=False)(*(args[i] for i in given))
+
+    return call
+
+
 def logical_specs(model: nn.Module, seq_len: int = 8):
     """PartitionSpecs of logical axis names for every param, without materialising any array."""
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))

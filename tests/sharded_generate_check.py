@@ -1,7 +1,8 @@
 """Run by test_sharding.py in a fresh interpreter with 8 fake CPU devices (XLA_FLAGS must be set before
 jax is imported). Generates from llama-tiny (sampled) and mamba3-tiny (greedy) unsharded and with
-params sharded over a (2, 2, 2) mesh."""
+params sharded over a (2, 2, 2) mesh; llama-tiny also with impl="pallas" (its kernels per shard)."""
 
+import dataclasses
 import json
 
 import jax
@@ -27,6 +28,14 @@ def main():
             got = generate(model, sharded, prompts, max_new_tokens=8, sampler=sampler, rng=r, num_samples=2)
         out[name + "_same_tokens"] = bool(np.array_equal(ref.tokens_BRT, got.tokens_BRT))
         out[name + "_logprob_diff"] = float(np.max(np.abs(np.asarray(ref.logprobs_BRT) - np.asarray(got.logprobs_BRT))))
+    # impl="pallas" (interpreted): the prefill's flash attention and every step's decode attention per shard.
+    attn = model.cfg.attention
+    kernels = build(model.cfg.replace(attention=dataclasses.replace(attn, impl="pallas")))
+    ref = generate(model, params, prompts, max_new_tokens=8, num_samples=2)
+    with use_mesh(mesh):
+        got = generate(kernels, sharded, prompts, max_new_tokens=8, num_samples=2)
+    out["pallas_same_tokens"] = bool(np.array_equal(ref.tokens_BRT, got.tokens_BRT))
+    out["pallas_logprob_diff"] = float(np.max(np.abs(np.asarray(ref.logprobs_BRT) - np.asarray(got.logprobs_BRT))))
     # Mamba-3: heads split over "tensor"; the decode state (rings, pending record) follows the sharded compute.
     model = build(preset("mamba3-tiny", num_layers=1))
     params, sharded = init_params(model, rng), init_sharded_params(model, mesh, rng)

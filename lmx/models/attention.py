@@ -16,8 +16,14 @@ from lmx.models.quantize import matmul, weight
 from lmx.pallas._compat import model_interpret
 from lmx.pallas.decode_attention import decode_attention
 from lmx.pallas.flash_attention import flash_attention
+from lmx.sharding import per_shard
 
 NEG_INF = -1e30
+# Logical axes of the kernels' operands (lmx.sharding.per_shard): q [B, T, N, H], k / v [B, S, K, H], a decode
+# step's q [B, N, H], and the KV cache's layouts k [B, K, H, S], v [B, K, S, H].
+_Q, _KV = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
+_Q1 = ("batch", "heads", "head_dim")
+_K_BKHS, _V_BKSH = ("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim")
 
 
 def attention_mask(q_pos_BT, k_pos_BS, *, window: int | None, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None):
@@ -137,6 +143,10 @@ class Attention(nn.Module):
         q_BTNH = apply_rope(q_BTNH, positions_BT, rope_inv_freq(H, a.rope_theta, a.rope_scaling))
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "heads", "head_dim"))
 
+        # The kernels run per device shard (rows, heads) under a mesh: XLA cannot partition a pallas_call.
+        flash = per_shard(lambda q, k, v, seg: flash_attention(
+            q, k, v, causal=True, segment_ids=seg, sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H),
+            impl=a.impl, interpret=model_interpret(a.impl)), (_Q, _KV, _KV, ("batch", "seq")), _Q)
         if state is None:
             if a.impl == "xla":
                 mask = attention_mask(slots_BT, slots_BT, window=a.sliding_window,
@@ -144,9 +154,7 @@ class Attention(nn.Module):
                 o_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask, 1.0 / math.sqrt(H))
             else:  # lmx.pallas's flash attention over positions 0..T-1, the slots of a teacher-forced call ("auto"
                 # falls back to its own reference off a GPU)
-                o_BTNH = flash_attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=segment_ids_BT,
-                                         sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H), impl=a.impl,
-                                         interpret=model_interpret(a.impl))
+                o_BTNH = flash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
             new_state = None
         else:  # write this call's entries in place, then attend over the layer's cache (slot <= query slot)
             new_state = state.write(k_BTKH, v_BTKH, lengths_B)
@@ -160,12 +168,13 @@ class Attention(nn.Module):
             if a.impl == "xla" or segment_ids_BT is not None:
                 o_BTNH = cached()
             elif T == 1:  # a decode step: lmx.pallas's decode-attention kernel over the cache
-                o_BTNH = decode_attention(q_BTNH[:, 0], new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt),
-                                          lengths_B + 1, sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H),
-                                          impl=a.impl, interpret=model_interpret(a.impl))[:, None]
+                decode = per_shard(lambda q, k, v, n: decode_attention(
+                    q, k, v, n, sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H), impl=a.impl,
+                    interpret=model_interpret(a.impl)), (_Q1, _K_BKHS, _V_BKSH, ("batch",)), _Q1)
+                o_BTNH = decode(q_BTNH[:, 0], new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt),
+                                lengths_B + 1)[:, None]
             else:  # a prefill (every row starts empty) attends only to its own keys: flash attention; else the cache
-                o_BTNH = jax.lax.cond(jnp.all(lengths_B == 0), lambda: flash_attention(
-                    q_BTNH, k_BTKH.astype(dt), v_BTKH.astype(dt), causal=True, sliding_window=a.sliding_window,
-                    sm_scale=1.0 / math.sqrt(H), impl=a.impl, interpret=model_interpret(a.impl)), cached)
+                o_BTNH = jax.lax.cond(jnp.all(lengths_B == 0), lambda: flash(
+                    q_BTNH, k_BTKH.astype(dt), v_BTKH.astype(dt), None), cached)
         # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).
         return matmul(o_BTNH.reshape(*o_BTNH.shape[:2], N * H), wo.reshape(N * H, D), dt), new_state

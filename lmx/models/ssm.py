@@ -31,6 +31,7 @@ from lmx.models.layers import dense_init
 from lmx.models.quantize import matmul, weight
 from lmx.pallas._compat import model_interpret
 from lmx.pallas.ssd import ssd as pallas_ssd
+from lmx.sharding import per_shard
 
 F32 = jnp.float32
 
@@ -432,10 +433,14 @@ class Mamba2Mixer(nn.Module):
             if s.impl == "xla":
                 y_BTNH, _ = ssd_chunked(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, chunk_size=s.chunk_size,
                                         initial_state_BNHZ=h0_BNHZ, segment_ids_BT=segment_ids_BT)
-            else:  # lmx.pallas's SSD kernels (its "auto" falls back to ssd_chunked off a GPU)
-                y_BTNH, _ = pallas_ssd(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, chunk=s.chunk_size,
-                                       initial_state=h0_BNHZ, segment_ids=segment_ids_BT, impl=s.impl,
-                                       interpret=model_interpret(s.impl))
+            else:  # lmx.pallas's SSD kernels (its "auto" falls back to ssd_chunked off a GPU), per row shard under
+                # a mesh (XLA cannot partition a pallas_call; the mixer's own axes are not sharded)
+                rows = lambda n: ("batch",) + (None,) * (n - 1)  # noqa: E731
+                scan = per_shard(lambda x, d, a, b, c, h, seg: pallas_ssd(
+                    x, d, a, b, c, chunk=s.chunk_size, initial_state=h, segment_ids=seg, impl=s.impl,
+                    interpret=model_interpret(s.impl)), (rows(4), rows(3), (None,), rows(4), rows(4), rows(4),
+                                                         ("batch", "seq")), (rows(4), rows(4)))
+                y_BTNH, _ = scan(x_BTNH, delta_BTN, A_N, B_BTUZ, C_BTUZ, h0_BNHZ, segment_ids_BT)
             if state is not None:
                 state = state.replace(pending=Mamba2Pending(lengths_B, x_BTNH * delta_BTN[..., None],
                                                             delta_BTN * A_N, B_BTUZ, xbc_BTY))

@@ -2,14 +2,15 @@
 be set before jax is imported). Trains llama-tiny for 3 steps unsharded and on a (data=2, fsdp=2,
 tensor=2) mesh from the same init, and prints one JSON line comparing them."""
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 
 from lmx.data import CharTokenizer, batches, get_task
-from lmx.models import build, preset
-from lmx.sharding import make_mesh
+from lmx.models import build, init_params, preset
+from lmx.sharding import batch_sharding, make_mesh, replicated, use_mesh
 from lmx.train import OptimConfig, TrainState, lr_schedule, make_optimizer, make_train_step
 
 
@@ -49,7 +50,44 @@ def main():
         "gate_mu_spec": spec(sharded.opt_state[1][0].mu["layers"]["mlp"]["gate"]),
         "embedding_spec": spec(sharded.params["embed"]["embedding"]),
     })
+    out.update(pallas_kernels_per_shard(mesh, rng))
     print(json.dumps(out))
+
+
+def pallas_kernels_per_shard(mesh, rng) -> dict:
+    """With impl="pallas" (kernels interpreted on the CPU) sharded == unsharded, every kernel inside a shard_map
+    (per row and head shard: XLA cannot partition a pallas_call itself): one train step of a llama (flash
+    attention forward and backward) and a Mamba-2 forward (SSD)."""
+    cfg = preset("llama-tiny", num_layers=1)
+    cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, impl="pallas"))
+    model = build(cfg)
+    optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, total_steps=1))
+    ref = TrainState.create(model, optimizer, rng)
+    sharded = TrainState.create(model, optimizer, rng, mesh=mesh)
+    step, sharded_step = make_train_step(model, optimizer), make_train_step(model, optimizer, mesh)
+    batch = next(batches(get_task("arithmetic", num_digits=(1, 2)), CharTokenizer(), 8, 40, seed=1))
+    loss = lambda p: model.apply({"params": p}, batch["tokens_BT"], segment_ids_BT=batch["segment_ids_BT"]  # noqa: E731
+                                 ).logits_BTV.sum()
+    with use_mesh(mesh):  # what the sharded step traces: the model's gradient with its kernels
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(sharded.params))
+    ref, m_ref = step(ref, batch)
+    sharded, m_sharded = sharded_step(sharded, batch)
+    out = {"pallas_metric_diff": max_diff(m_ref, m_sharded), "pallas_param_diff": max_diff(ref.params, sharded.params),
+           "pallas_calls": jaxpr.count("pallas_call"), "pallas_shard_maps": jaxpr.count("shard_map")}
+    # Mamba-2's SSD kernels (forward: a prefill or scoring call) on rows split over data x fsdp.
+    cfg = preset("mamba2-tiny", num_layers=1)
+    mamba = build(cfg.replace(ssm=dataclasses.replace(cfg.ssm, impl="pallas", chunk_size=16)))
+    params = init_params(mamba, rng)
+    logits = lambda p, t, s: mamba.apply({"params": p}, t, segment_ids_BT=s).logits_BTV  # noqa: E731
+    args = (params, batch["tokens_BT"], batch["segment_ids_BT"])
+    rows = jax.device_put(args[1:], batch_sharding(mesh))
+    with use_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(logits)(*args))
+        sharded_logits = jax.jit(logits)(jax.device_put(params, replicated(mesh)), *rows)
+    out.update(ssd_logits_diff=max_diff(jax.jit(logits)(*args), sharded_logits),
+               ssd_calls=jaxpr.count("pallas_call"), ssd_shard_maps=jaxpr.count("shard_map"),
+               ssd_logits_spec=[list(a) if isinstance(a, tuple) else a for a in sharded_logits.sharding.spec])
+    return out
 
 
 if __name__ == "__main__":

@@ -16,3 +16,9 @@ def test_sharded_train_step_matches_unsharded():
     assert out["gate_spec"] == [None, "fsdp", "tensor"] and out["gate_mu_spec"] == out["gate_spec"]
     assert out["gate_shards"] == 8
     assert out["embedding_spec"] == ["tensor", "fsdp"]
+    # Kernels under a mesh run per shard and equal the unsharded model: flash attention forward and backward in a
+    # train step (3 pallas_calls in shard_maps), Mamba-2's SSD forward (3 kernels) on rows split 4 ways.
+    assert out["pallas_calls"] == 3 and out["pallas_shard_maps"] >= 2, out
+    assert out["pallas_metric_diff"] < 1e-5 and out["pallas_param_diff"] < 5e-5, out
+    assert out["ssd_calls"] == 3 and out["ssd_shard_maps"] >= 1 and out["ssd_logits_diff"] < 1e-5, out
+    assert out["ssd_logits_spec"][0] == ["data", "fsdp"], out
