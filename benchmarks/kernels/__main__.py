@@ -1,7 +1,8 @@
-"""python -m benchmarks.kernels [--quick] [--only flash_attention,decode_attention,ssd,quant_matmul]
+"""python -m benchmarks.kernels [--quick] [--only flash_attention,decode_attention,ssd,quant_matmul,models]
 
 On a GPU: each op's kernel against its baselines (cuDNN / XLA attention, the XLA SSD reference, the bf16 XLA dot,
-the device's copy bandwidth), measured side by side in one run, as JSON lines. With --quick (what the CPU test
+the device's copy bandwidth), measured side by side in one run, as JSON lines; `models`: whole models with
+impl="pallas" against impl="xla" (outputs compared, train step and generate timed). With --quick (what the CPU test
 runs): one tiny shape per op through the kernel in interpret mode and the reference, correctness only; no timing
 is printed off a GPU, since interpret mode says nothing about speed."""
 
@@ -17,7 +18,7 @@ import traceback
 
 from benchmarks._common import emit
 
-OPS = ("flash_attention", "decode_attention", "ssd", "quant_matmul")
+OPS = ("flash_attention", "decode_attention", "ssd", "quant_matmul", "models")
 
 
 def device_line(argv: list[str]) -> dict:
