@@ -68,37 +68,41 @@ def _rel(a, b) -> float:
 
 
 def run(emit, quick: bool) -> None:
+    for name, cfg in _configs(quick).items():
+        _compare(emit, name, cfg, quick)
+
+
+def _compare(emit, name: str, cfg, quick: bool) -> None:
     import lmx.models as lm
 
-    for name, cfg in _configs(quick).items():
-        models = {impl: lm.build(_impl(cfg, impl)) for impl in ("xla", "pallas")}
-        params = lm.init_params(models["xla"], jax.random.key(0))
-        b, t = (2, 20) if quick else (B, T)
-        tokens, seg = _batch(cfg.vocab_size, b, t, 2 if quick else SEGMENTS)
-        steps = {impl: jax.jit(jax.value_and_grad(lambda p, m=m: _loss(m, p, tokens, seg), has_aux=True))
-                 for impl, m in models.items()}
-        outs = {impl: jax.block_until_ready(step(params)) for impl, step in steps.items()}
-        (_, logits_x), grads_x = outs["xla"]
-        (_, logits_p), grads_p = outs["pallas"]
-        logit_err = float(jnp.max(jnp.abs(logits_p - logits_x)))
-        if quick:
-            emit(f"models/quick/{name}", "max_abs_logit_err", logit_err, shape=f"B{b} T{t}")
-            continue
-        times = interleaved({impl: (lambda s=s: jax.block_until_ready(s(params))) for impl, s in steps.items()},
-                            rounds=6)
-        tx, tp = median(times["xla"]), median(times["pallas"])
-        emit(f"models/{name}/train_step", "seconds", tp, baseline=tx, ratio=tx / tp, max_abs_logit_err=logit_err,
-             grad_rel_err=_rel(grads_p, grads_x), shape=f"B{B} T{T} packed x{SEGMENTS}")
+    models = {impl: lm.build(_impl(cfg, impl)) for impl in ("xla", "pallas")}
+    params = lm.init_params(models["xla"], jax.random.key(0))
+    b, t = (2, 20) if quick else (B, T)
+    tokens, seg = _batch(cfg.vocab_size, b, t, 2 if quick else SEGMENTS)
+    steps = {impl: jax.jit(jax.value_and_grad(lambda p, m=m: _loss(m, p, tokens, seg), has_aux=True))
+             for impl, m in models.items()}
+    outs = {impl: jax.block_until_ready(step(params)) for impl, step in steps.items()}
+    (_, logits_x), grads_x = outs["xla"]
+    (_, logits_p), grads_p = outs["pallas"]
+    logit_err = float(jnp.max(jnp.abs(logits_p - logits_x)))
+    if quick:
+        emit(f"models/quick/{name}", "max_abs_logit_err", logit_err, shape=f"B{b} T{t}")
+        return
+    times = interleaved({impl: (lambda s=s: jax.block_until_ready(s(params))) for impl, s in steps.items()},
+                        rounds=6)
+    tx, tp = median(times["xla"]), median(times["pallas"])
+    emit(f"models/{name}/train_step", "seconds", tp, baseline=tx, ratio=tx / tp, max_abs_logit_err=logit_err,
+         grad_rel_err=_rel(grads_p, grads_x), shape=f"B{B} T{T} packed x{SEGMENTS}")
 
-        prompts, _ = _batch(cfg.vocab_size, B, PROMPT, 1)
-        lengths = jnp.full((B,), PROMPT, jnp.int32)
-        call = {impl: (lambda m=m: jax.block_until_ready(generate(m, params, (prompts, lengths), max_new_tokens=NEW)))
-                for impl, m in models.items()}
-        gens = {impl: c() for impl, c in call.items()}  # compile + the outputs compared
-        same = np.asarray(gens["pallas"].tokens_BRT[:, 0]) == np.asarray(gens["xla"].tokens_BRT[:, 0])
-        prefix = np.where(same.all(1), NEW, np.argmin(same, 1))
-        times = interleaved(call, rounds=4)
-        tx, tp = median(times["xla"]), median(times["pallas"])
-        emit(f"models/{name}/generate", "seconds", tp, baseline=tx, ratio=tx / tp,
-             rows_equal=float(same.all(1).mean()), mean_agreeing_prefix=float(prefix.mean()),
-             shape=f"B{B} prompt {PROMPT} new {NEW} greedy")
+    prompts, _ = _batch(cfg.vocab_size, B, PROMPT, 1)
+    lengths = jnp.full((B,), PROMPT, jnp.int32)
+    call = {impl: (lambda m=m: jax.block_until_ready(generate(m, params, (prompts, lengths), max_new_tokens=NEW)))
+            for impl, m in models.items()}
+    gens = {impl: c() for impl, c in call.items()}  # compile + the outputs compared
+    same = np.asarray(gens["pallas"].tokens_BRT[:, 0]) == np.asarray(gens["xla"].tokens_BRT[:, 0])
+    prefix = np.where(same.all(1), NEW, np.argmin(same, 1))
+    times = interleaved(call, rounds=4)
+    tx, tp = median(times["xla"]), median(times["pallas"])
+    emit(f"models/{name}/generate", "seconds", tp, baseline=tx, ratio=tx / tp,
+         rows_equal=float(same.all(1).mean()), mean_agreeing_prefix=float(prefix.mean()),
+         shape=f"B{B} prompt {PROMPT} new {NEW} greedy")
