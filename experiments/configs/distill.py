@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     cfg.student = ConfigDict({
         # A preset plus ModelConfig / attention overrides (see lmx.train.loop.model_config); vocab from
         # the tokenizer. hybrid-tiny: ("ssm", "ssm", "ssm", "attn") x 2 at d_model 64.
-        "model": {"preset": "hybrid-tiny", "max_seq_len": 128},
+        "model": {"preset": "hybrid-tiny", "max_seq_len": 128, "impl": "xla"},  # "auto" / "pallas": kernels
         "steps": steps, "batch_size": 64, "seq_len": 48, "log_every": 10, "seed": 1,
         # Loss: τ² · KL(teacher_τ ‖ student_τ) + ce_weight · CE(data tokens).
         "temperature": 1.0, "ce_weight": 0.0,

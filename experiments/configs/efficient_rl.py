@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     cfg.model = ConfigDict({
         "preset": "llama-tiny", "d_model": 64, "num_layers": 2, "mlp_dim": 256, "num_heads": 4,
         "num_kv_heads": 2, "head_dim": 16, "max_seq_len": 64,
+        "impl": "xla",  # lmx.pallas kernels: "auto" / "pallas" on a GPU
     })
     sft_steps = ml_collections.FieldReference(1000)
     cfg.sft = ConfigDict({

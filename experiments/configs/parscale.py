@@ -23,7 +23,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # steps and the sizes stay apart.
     cfg.task = ConfigDict({"name": "arithmetic", "kwargs": {"num_digits": (2, 2), "ops": ("*",), "cot": "full"}})
     # Fields shared by every size (d_model, heads and mlp_dim are set per size; see the module docstring).
-    cfg.model = ConfigDict({"preset": "llama-tiny", "num_layers": 2, "head_dim": 16, "max_seq_len": 128})
+    cfg.model = ConfigDict({"preset": "llama-tiny", "num_layers": 2, "head_dim": 16, "max_seq_len": 128,
+                           "impl": "xla"})  # lmx.pallas kernels: "auto" / "pallas" on a GPU
     cfg.sizes = (32, 48, 64)
     cfg.mlp_ratio = 4
     cfg.streams = (1, 2, 4)

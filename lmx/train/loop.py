@@ -55,7 +55,8 @@ class TrainResult:
 
 def model_config(cfg_model, vocab_size: int) -> ModelConfig:
     """`cfg.model`: a preset name plus overrides of ModelConfig / AttentionConfig fields (None = keep the
-    preset's value). The vocabulary always comes from the tokenizer."""
+    preset's value). The vocabulary always comes from the tokenizer. `impl` (lmx.pallas's kernel switch:
+    "xla" | "auto" | "pallas") sets the attention's and a Mamba-2 SSM's alike (Mamba-3 has no kernel)."""
     overrides = {k: v for k, v in as_dict(cfg_model).items() if k != "preset" and v is not None}
     unknown = set(overrides) - MODEL_FIELDS - ATTENTION_FIELDS
     if unknown:
@@ -73,7 +74,10 @@ def model_config(cfg_model, vocab_size: int) -> ModelConfig:
             raise ValueError(f"config.model.num_layers={top['num_layers']} changes the depth of preset "
                              f"{cfg_model.get('preset')!r}, whose layer_pattern is mixed: set layer_pattern too")
         top["layer_pattern"] = base.layer_pattern[:1] * top["num_layers"]
-    return base.replace(**{**top, "attention": attn, "vocab_size": vocab_size})
+    cfg = base.replace(**{**top, "attention": attn, "vocab_size": vocab_size})
+    if "impl" in overrides and cfg.ssm is not None and cfg.ssm.variant == "mamba2":
+        cfg = cfg.replace(ssm=dataclasses.replace(cfg.ssm, impl=overrides["impl"]))
+    return cfg
 
 
 def load_run(run_dir, vocab_size: int, what: str = "run"):

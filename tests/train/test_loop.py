@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from ml_collections import ConfigDict
 
 from experiments.configs.sft import get_config
 from lmx.train import Checkpointer, read_metrics
@@ -137,6 +138,11 @@ def test_default_config_and_overrides():
     assert cfg.optim.total_steps == 123
     gpu = get_config("gpu")
     assert gpu.train.steps == gpu.optim.total_steps == 5000
+    # impl (lmx.pallas's switch) reaches the attention and a Mamba-2 SSM; Mamba-3 has no kernel.
+    assert (mc.attention.impl, mc.ssm) == ("xla", None)
+    for name, ssm_impl in (("hybrid-tiny", "pallas"), ("mamba3-tiny", "xla")):
+        mc = model_config(ConfigDict({"preset": name, "impl": "pallas"}), 104)
+        assert (mc.attention.impl, mc.ssm.impl) == ("pallas", ssm_impl)
     bad = tiny_config()
     bad.model.unlock()
     bad.model.n_layers = 3
