@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU kernel measurement of issue 13 in one run (< 5 minutes on one H100/H200), for the lent device machine:
+# Every GPU kernel measurement of issue 13 in one run (< 5 minutes on one H100/H200, then up to 4 more for the
+# kernel tests compiled on the GPU), for the lent device machine:
 #   bash benchmarks/gpu_suite.sh            # from the repository root; writes $OUT (or ./runs/gpu_suite)
 # The machine's image has jax (CUDA), flax, optax and numpy; lmx.pallas and benchmarks.kernels need nothing else
 # (lmx imports its subpackages lazily). Output: kernels.jsonl (the JSON lines), RESULTS_section.md (a table to
@@ -21,6 +22,14 @@ for spec in decode_attention:50 quant_matmul:50 ssd:60 flash_attention:80 models
   [ "$status" -eq 0 ] || { echo "{\"name\": \"$op\", \"metric\": \"exit_status\", \"value\": $status}" | tee -a "$out/kernels.jsonl"; rc=1; }
 done
 "$PY" -m benchmarks.kernels_report "$out/kernels.jsonl" > "$out/RESULTS_section.md" || rc=1
+# The kernel-vs-reference tests with the kernels compiled (tests/pallas/hw.py: interpreted only off a GPU), if the
+# image has pytest: every ragged / GQA / segment / window / state case of make test, on the real Triton compiler.
+if "$PY" -c "import pytest" 2> /dev/null; then
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/pallas -k matches_reference > "$out/pallas_tests.log" 2>&1
+  echo "kernel tests compiled on the GPU: exit $? ($(tail -1 "$out/pallas_tests.log"))" | tee -a "$out/RESULTS_section.md"
+else
+  echo "kernel tests: pytest is not installed on this machine" | tee -a "$out/RESULTS_section.md"
+fi
 cat "$out/RESULTS_section.md"
 tail -20 "$out/stderr.log"
 exit "$rc"

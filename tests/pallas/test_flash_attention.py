@@ -10,6 +10,7 @@ import pytest
 
 from lmx.pallas._compat import TRITON_CUSTOM_CALL, cuda_export, kernel_dot_shapes
 from lmx.pallas.flash_attention import _block_ranges, _Config, _flash, flash_attention, flash_attention_reference
+from tests.pallas.hw import INTERPRET, f32_tol
 
 B, T, H = 2, 40, 16  # T = 40 with blocks of 16 or 32: every case has a partial last block
 PAD = [0] * 4
@@ -63,13 +64,13 @@ def test_kernel_matches_reference(name, N, K, S, dtype, causal, window, segments
     else:
         seg = None if segments is None else _segments(*segments)
     kw = dict(causal=causal, segment_ids=seg, sliding_window=window)
-    kernel = lambda q, k, v: flash_attention(q, k, v, impl="pallas", interpret=True, block_q=blocks[0],
+    kernel = lambda q, k, v: flash_attention(q, k, v, impl="pallas", interpret=INTERPRET, block_q=blocks[0],
                                              block_k=blocks[1], **kw)
     reference = lambda q, k, v: flash_attention(q, k, v, impl="xla", **kw)
     got = jax.jit(lambda *a: _fwd_vjp(kernel, *a))(q, k, v, do)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]  # bf16 inputs: compare with the f32 reference
     want = jax.jit(lambda *a: _fwd_vjp(reference, *a))(*f32)
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    tol = f32_tol(1e-5) if dtype == jnp.float32 else 1e-2
     for what, g, w in zip(["o", "dq", "dk", "dv"], got, want, strict=True):
         assert g.dtype == dtype
         _assert_close(g, w, tol, f"{name} {what}")

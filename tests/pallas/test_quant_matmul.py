@@ -11,6 +11,7 @@ import pytest
 
 from lmx.pallas._compat import cuda_export
 from lmx.pallas.quant_matmul import dequantize, quant_matmul, quantize, unsupported
+from tests.pallas.hw import INTERPRET, f32_tol
 
 qm = importlib.import_module("lmx.pallas.quant_matmul")  # the module (lmx.pallas.quant_matmul is the function)
 RNG = np.random.default_rng(0)
@@ -26,7 +27,7 @@ def _close(got, want, dtype):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()
     scale = np.abs(want).max()
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: a rounding of the output (2^-8) and of the operands
+    tol = f32_tol(1e-5) if dtype == jnp.float32 else 1e-2  # bf16: a rounding of the output (2^-8), operands
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
 
 
@@ -46,7 +47,7 @@ def test_kernel_matches_reference(bits, group, dtype, B, I, O, blocks, kw, grad)
     if bits == "mixed":
         assert qw.scale4.shape == (1, O) and qw.slots.shape == (3, 3)  # one 4-bit slot per tile of 32 columns
     x = jnp.asarray(RNG.standard_normal((B, I)), dtype)
-    kernel = lambda x, qw: quant_matmul(x, qw, impl="pallas", interpret=True, block_b=blocks[0],  # noqa: E731
+    kernel = lambda x, qw: quant_matmul(x, qw, impl="pallas", interpret=INTERPRET, block_b=blocks[0],  # noqa: E731
                                         block_o=blocks[1])
     ref = lambda x, qw: quant_matmul(x, qw, impl="xla")  # noqa: E731
     if not grad:
