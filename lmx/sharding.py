@@ -71,7 +71,8 @@ def per_shard(fn, in_axes, out_axes):
     and run the whole op on every device. in_axes: per positional argument, its logical axis names (None for an
     unnamed axis; a None argument is passed through as it is); out_axes: the same for fn's outputs (a tuple of them
     for several). Names resolve through the mesh's logical-axis rules, so fn must be exact on any split of those
-    axes (rows, heads); a name whose axis some argument cannot split evenly (a batch of 1 at init) stays whole.
+    axes (rows, heads); a name whose axis some argument cannot split evenly (a batch of 1 at init) stays whole,
+    and so do the names sharing its mesh axes.
     Without a mesh of more than one device this is fn itself."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -82,12 +83,15 @@ def per_shard(fn, in_axes, out_axes):
         if len(args) != len(in_axes):
             raise ValueError(f"per_shard: {len(args)} arguments for {len(in_axes)} in_axes")
         given = [i for i, a in enumerate(args) if a is not None]
-        split = {}  # logical name -> its mesh axes, if every argument's axis of that name divides evenly
+        wanted, even = {}, {}  # logical name -> its mesh axes; whether every argument's axis of it divides evenly
         for i in given:
             for name, size in zip(in_axes[i], args[i].shape, strict=True):
-                axes = nn.logical_to_mesh_axes((name,))[0]
+                axes = wanted[name] = nn.logical_to_mesh_axes((name,))[0]
                 ways = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-                split[name] = axes if split.get(name, axes) == axes and size % ways == 0 else None
+                even[name] = even.get(name, True) and size % ways == 0
+        # Names on the same mesh axes split together or not at all (query and kv heads: each shard's GQA map).
+        whole = {wanted[n] for n in wanted if not even[n]}
+        split = {n: None if axes in whole else axes for n, axes in wanted.items()}
         spec = lambda names: PartitionSpec(*(split.get(n) for n in names))  # noqa: E731
 
         def local(*xs):

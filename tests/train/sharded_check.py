@@ -6,11 +6,12 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmx.data import CharTokenizer, batches, get_task
 from lmx.models import build, init_params, preset
-from lmx.sharding import batch_sharding, make_mesh, replicated, use_mesh
+from lmx.sharding import batch_sharding, make_mesh, per_shard, replicated, use_mesh
 from lmx.train import OptimConfig, TrainState, lr_schedule, make_optimizer, make_train_step
 
 
@@ -51,7 +52,22 @@ def main():
         "embedding_spec": spec(sharded.params["embed"]["embedding"]),
     })
     out.update(pallas_kernels_per_shard(mesh, rng))
+    out["gqa_per_shard_diffs"] = gqa_map_per_shard(mesh)
     print(json.dumps(out))
+
+
+def gqa_map_per_shard(mesh) -> list[float]:
+    """per_shard splits query and kv heads together or not at all: a GQA map (query head n reads kv head n // G)
+    computed per shard equals the global one, for kv heads that split over tensor=2 (4 / 2) and that do not (6 / 3:
+    splitting the query heads alone would pair them with the wrong kv heads)."""
+    gqa = lambda q_N, k_K: q_N + 10 * k_K[jnp.arange(q_N.shape[0]) // (q_N.shape[0] // k_K.shape[0])]  # noqa: E731
+    diffs = []
+    for N, K in ((4, 2), (6, 3)):
+        q, k = jnp.arange(N, dtype=jnp.float32), jnp.arange(K, dtype=jnp.float32)
+        with use_mesh(mesh):
+            got = jax.jit(lambda q, k: per_shard(gqa, (("heads",), ("kv_heads",)), ("heads",))(q, k))(q, k)
+        diffs.append(max_diff(got, gqa(q, k)))
+    return diffs
 
 
 def pallas_kernels_per_shard(mesh, rng) -> dict:

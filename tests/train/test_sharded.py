@@ -22,3 +22,4 @@ def test_sharded_train_step_matches_unsharded():
     assert out["pallas_metric_diff"] < 1e-5 and out["pallas_param_diff"] < 5e-5, out
     assert out["ssd_calls"] == 3 and out["ssd_shard_maps"] >= 1 and out["ssd_logits_diff"] < 1e-5, out
     assert out["ssd_logits_spec"][0] == ["data", "fsdp"], out
+    assert out["gqa_per_shard_diffs"] == [0.0, 0.0], out  # query and kv heads split together or not at all
