@@ -19,10 +19,9 @@ from lmx.pallas.flash_attention import flash_attention
 from lmx.sharding import per_shard
 
 NEG_INF = -1e30
-# Logical axes of the kernels' operands (lmx.sharding.per_shard): q [B, T, N, H], k / v [B, S, K, H], a decode
-# step's q [B, N, H], and the KV cache's layouts k [B, K, H, S], v [B, K, S, H].
+# Logical axes of the kernels' operands (lmx.sharding.per_shard): q [B, T, N, H], k / v [B, S, K, H], and the KV
+# cache's layouts k [B, K, H, S], v [B, K, S, H].
 _Q, _KV = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
-_Q1 = ("batch", "heads", "head_dim")
 _K_BKHS, _V_BKSH = ("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim")
 
 
@@ -165,16 +164,18 @@ class Attention(nn.Module):
                 mask &= own_keys_segment_mask(segment_ids_BT, lengths_B, S)
             cached = lambda: cached_attention(q_BTNH, new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt),
                                               mask, 1.0 / math.sqrt(H))
+            # lmx.pallas's decode attention: this call's T queries per row over the cache (slots < lengths + T)
+            decode = per_shard(lambda q, k, v, n: decode_attention(
+                q, k, v, n, sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H), impl=a.impl,
+                interpret=model_interpret(a.impl)), (_Q, _K_BKHS, _V_BKSH, ("batch",)), _Q)
+            kernel = lambda: decode(q_BTNH, new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt), lengths_B + T)
             if a.impl == "xla" or segment_ids_BT is not None:
                 o_BTNH = cached()
-            elif T == 1:  # a decode step: lmx.pallas's decode-attention kernel over the cache
-                decode = per_shard(lambda q, k, v, n: decode_attention(
-                    q, k, v, n, sliding_window=a.sliding_window, sm_scale=1.0 / math.sqrt(H), impl=a.impl,
-                    interpret=model_interpret(a.impl)), (_Q1, _K_BKHS, _V_BKSH, ("batch",)), _Q1)
-                o_BTNH = decode(q_BTNH[:, 0], new_state.k_BKHS.astype(dt), new_state.v_BKSH.astype(dt),
-                                lengths_B + 1)[:, None]
-            else:  # a prefill (every row starts empty) attends only to its own keys: flash attention; else the cache
+            elif T == 1:  # a decode step
+                o_BTNH = kernel()
+            else:  # a prefill of empty rows attends only to its own keys: flash attention; a call onto a non-empty
+                # cache (speculative verification, a continued prefill) decode attention
                 o_BTNH = jax.lax.cond(jnp.all(lengths_B == 0), lambda: flash(
-                    q_BTNH, k_BTKH.astype(dt), v_BTKH.astype(dt), None), cached)
+                    q_BTNH, k_BTKH.astype(dt), v_BTKH.astype(dt), None), kernel)
         # As a 2-D matmul (same maths as the einsum, for which XLA:CPU transposed wo at every step).
         return matmul(o_BTNH.reshape(*o_BTNH.shape[:2], N * H), wo.reshape(N * H, D), dt), new_state

@@ -2,7 +2,8 @@
 
 - `flash_attention`: forward + backward, GQA, causal, sliding window, packed segment ids that skip whole blocks;
   the transformer's teacher-forced calls (training, scoring) with `AttentionConfig.impl` != "xla";
-- `decode_attention`: one query per row over the KV cache (split-K, log-sum-exp merge); the decode step;
+- `decode_attention`: each row's last T queries over its KV cache (split-K, log-sum-exp merge); the decode step
+  (T = 1), and calls onto a non-empty cache (speculative verification, a continued prefill);
 - `ssd`: the Mamba-2 chunked scan, forward + backward; Mamba-2's teacher-forced calls and prefill with
   `SSMConfig.impl` != "xla" (Mamba-3 stays on its jnp path);
 - `quant_matmul` + `quantize`: weight-only int8 / int4 / 2-bit / mixed 2+4-bit matmul; `lmx.models.quantize_params`.

@@ -11,6 +11,7 @@ import pytest
 
 import lmx.models as lm
 from lmx.decoding.generate import generate
+from lmx.models.state import truncate
 from tests.tiny import tiny_model
 
 T = 20  # one full and one partial kernel block of 16: interpret mode pads the partial block with NaN
@@ -80,3 +81,14 @@ def test_cached_greedy_decode_equals_xla():
     gens = {impl: generate(model, params, prompts, max_new_tokens=5) for impl, model in models.items()}
     np.testing.assert_array_equal(gens["pallas"].tokens_BRT, gens["xla"].tokens_BRT)
     np.testing.assert_allclose(gens["pallas"].logprobs_BRT, gens["xla"].logprobs_BRT, atol=1e-4)
+    # Three tokens onto a non-empty cache of ragged rows (a speculative verification, a continued prefill): decode
+    # attention's T queries per row (the cond's other branch).
+    tokens = jnp.asarray([[5, 9, 17, 3, 8, 21], [3, 4, 5, 6, 7, 8]], jnp.int32)
+    logits = {}
+    for impl, model in models.items():
+        state = model.apply({"params": params}, tokens, state=lm.init_state(model.cfg, 2, 24)).state
+        state = truncate(state, jnp.asarray([6, 2], jnp.int32))
+        logits[impl] = jax.jit(lambda p, s, m=model: m.apply({"params": p}, tokens[:, :3], state=s).logits_BTV)(
+            params, state)
+    assert np.isfinite(logits["pallas"]).all()
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-4, rtol=1e-4)
