@@ -1,6 +1,7 @@
 """Rewards: each registered reward against an independent NumPy transcription of its formula (ALGORITHMS §1–2),
 edge cases, token (not character) lengths, the registry and the shape check."""
 
+import functools
 import math
 
 import jax
@@ -163,10 +164,15 @@ def random_batch(seed, B=4, R=6, with_nan=True):
     return inputs, s, L, valid, n_gold, ref_L, ref_A
 
 
+@functools.cache
+def _jitted(name, cfg):  # one program per reward, config and shapes (eager ops would compile one by one)
+    return jax.jit(lambda inputs: rw.get_reward(name)(inputs, cfg))
+
+
 def run(name, inputs, **cfg):
     if name == "lead" and inputs.tokens_BRT is None:
         cfg.setdefault("max_target", 50.0)  # B_max; by default it is the rollout width T of tokens_BRT
-    out = rw.get_reward(name)(inputs, rw.reward_config(name, **cfg))
+    out = _jitted(name, rw.reward_config(name, **cfg))(inputs)
     assert out.shape == inputs.shape and out.dtype == np.float32
     return np.asarray(out)
 
