@@ -8,6 +8,10 @@ import numpy as np
 
 import lmx.models as lm
 
+# hybrid-tiny as 2 units of (Mamba-2, attention): both layer kinds and a stacked unit at half the 8-layer preset's
+# compile time (a decode program unrolls its layers), for tests that need no more.
+HYBRID_2X2 = dict(num_layers=4, layer_pattern=("ssm", "attn") * 2)
+
 
 def tiny_model(name: str, **overrides):
     """(model, params) for preset `name` (with config fields overridden): the exact pytree `init_params` builds,

@@ -6,6 +6,7 @@ import pytest
 
 import lmx.models as lm
 from lmx.decoding import cost
+from tests.tiny import HYBRID_2X2
 
 
 def _config(name):
@@ -70,7 +71,7 @@ def test_generation_stats_count_ssm_state(tiny):
     generate keeps no rollback window (one state slot per SSM layer: it never rolls back past its prefill)."""
     from lmx.decoding import Sampler, generate
 
-    model, params = tiny("hybrid-tiny")
+    model, params = tiny("hybrid-tiny", **HYBRID_2X2)
     g = generate(model, params, [[5, 9, 17], [42]], max_new_tokens=4, num_samples=2, rng=jax.random.key(0),
                  sampler=Sampler(temperature=1.0))
     cfg, rows = model.cfg, 2 * 2
@@ -112,7 +113,7 @@ def test_eflops_intensity_and_cost_of_pass():
 def test_generation_bytes_moved_by_hand(tiny, name):
     from lmx.decoding import generate
 
-    model, params = tiny(name)
+    model, params = tiny(name, **(HYBRID_2X2 if name == "hybrid-tiny" else {}))
     cfg = model.cfg
     prompts = [[5, 9, 17], [3, 1, 4, 1, 5, 9, 2, 6, 53, 58, 97], [42]]
     g = generate(model, params, prompts, max_new_tokens=8, stop_tokens=(7, 11), num_samples=2,

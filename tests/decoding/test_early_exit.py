@@ -20,6 +20,7 @@ from lmx.decoding.early_exit import EarlyExit, early_exit_generate
 from lmx.decoding.generate import prefill
 from lmx.models import build, decode_params, embed, head, init_params, init_state, make_ctx, preset, run_layers
 from lmx.models.early_exit import ExitConfig
+from tests.tiny import HYBRID_2X2
 
 PROMPTS = [[5, 9, 17], [42], [3, 1, 4, 1, 5]]
 T = 8
@@ -172,8 +173,7 @@ def hybrid(tiny):
     """(ssm, attn) x 2 with an exit after the first unit and a DYNAMAX classifier: the exit skips an SSM and an
     attention layer. Batches of 3 rows; a batch of one prompt three times is that prompt alone (identical rows
     exit together, so the all-exited branch runs as at batch 1) in the same program."""
-    return tiny("hybrid-tiny", num_layers=4, layer_pattern=("ssm", "attn") * 2,
-                exits=ExitConfig(layers=(2,), classifier="mamba"))
+    return tiny("hybrid-tiny", **HYBRID_2X2, exits=ExitConfig(layers=(2,), classifier="mamba"))
 
 
 def _padded(prompts, continuations):

@@ -16,6 +16,7 @@ from lmx.models import select as select_
 from lmx.models import truncate as truncate_
 from lmx.models.mamba3 import current_state as mamba3_current
 from lmx.models.ssm import conv_window, current_state
+from tests.tiny import HYBRID_2X2
 
 PROMPTS = [[5, 9, 17], [3, 1, 4, 1, 5, 9, 2, 6, 53, 58, 97], [42]]  # unequal lengths
 NEW = 10
@@ -27,9 +28,7 @@ def perturbed(params, scale: float, seed: int = 1):
     return jax.tree.map(lambda a: a + scale * np.std(a) * rng.standard_normal(a.shape).astype(a.dtype), params)
 
 
-# The hybrid as 2 units of (Mamba-2, attention): both layer kinds and a stacked unit, half the 8-layer preset's
-# compile time (every decode program unrolls its layers).
-HYBRID = {"hybrid-tiny": dict(num_layers=4, layer_pattern=("ssm", "attn") * 2)}
+HYBRID = {"hybrid-tiny": HYBRID_2X2}
 
 
 def assert_same_tokens(a, b):

@@ -20,6 +20,7 @@ from lmx.models.early_exit import (
     make_jei_loss,
 )
 from lmx.models.exit_classifier import ROLLBACK, classifier_loss, lost_rows, with_classifiers
+from tests.tiny import HYBRID_2X2
 
 TOKENS_BT = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 7)), jnp.int32)
 
@@ -126,7 +127,7 @@ def test_hybrid_exits_sit_on_the_scanned_unit_and_jei_needs_gates():
 
 # ---------------------------------------------------------------------------------------------- layer dropout
 
-HYBRID = dict(num_layers=4, layer_pattern=("ssm", "attn") * 2)  # a two-kind scanned unit (Unit's own dropout path)
+HYBRID = HYBRID_2X2  # a two-kind scanned unit (Unit's own dropout path)
 
 
 def test_layer_dropout_rates_follow_the_depth_schedule():
