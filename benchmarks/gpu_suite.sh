@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvi
 rc=0
 : > "$out/kernels.jsonl"
 # One process per op with its own time limit, so a slow or failing op costs no other op its figures.
-for spec in decode_attention:50 quant_matmul:50 ssd:60 flash_attention:80 models:60; do  # 300 s at most
+for spec in decode_attention:60 quant_matmul:50 ssd:60 flash_attention:80 models:50; do  # 300 s at most
   op="${spec%%:*}"
   timeout "${spec##*:}" "$PY" -m benchmarks.kernels --only "$op" "$@" 2>> "$out/stderr.log" | tee -a "$out/kernels.jsonl"
   status=${PIPESTATUS[0]}
