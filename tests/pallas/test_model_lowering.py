@@ -3,8 +3,9 @@
 abstract params (jax.eval_shape: nothing allocated). Lowered under `lowering_for_gpu`, the kernels take their GPU
 form (Triton), so a block shape the GPU compiler refuses fails here, in CI, as it would on the H100/H200:
   - one train step's loss gradient on packed rows (flash attention / SSD, forward and backward kernels);
-  - the whole `generate` program: the prefill (flash attention in its cond, SSD with a state) and the decode loop
-    (decode attention, the quantized matmul).
+  - the whole `generate` program: the prefill (its cond's two branches: flash attention for empty rows, decode
+    attention's T queries per row onto a non-empty cache; SSD with a state) and the decode loop (decode attention,
+    the quantized matmul).
 Layer counts are cut to one repeating unit (every layer of a unit lowers the same kernels)."""
 
 import dataclasses
