@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernels import copy_bandwidth
+from benchmarks.kernels import copy_bandwidth, gpu_ready, max_abs_err
 from lmx.pallas.decode_attention import decode_attention, default_block_s, default_num_splits
 
 N, K, H = 32, 8, 128
@@ -39,10 +39,6 @@ def _inputs(B: int, N: int, K: int, H: int, S: int, dtype, seed: int = 0):
     v = jax.random.normal(kv, (B, K, S, H), dtype)
     lengths = jax.random.randint(kl, (B,), int(0.9 * S), S + 1, jnp.int32)
     return q, k, v, lengths
-
-
-def _max_abs_err(a, b) -> float:
-    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
 def _seconds_per_call(fn, args, reps: int, runs: int) -> float:
@@ -68,7 +64,7 @@ def _quick(emit):
     kernel = jax.jit(functools.partial(decode_attention, impl="pallas", interpret=True, block_s=16, num_splits=2))
     ref = jax.jit(functools.partial(decode_attention, impl="xla"))
     kernel, ref = kernel(q, k, v, lengths), ref(q, k, v, lengths)
-    emit("decode_attention/quick", "max_abs_err", _max_abs_err(kernel, ref), shape="B2 N4 K2 H16 S40 f32",
+    emit("decode_attention/quick", "max_abs_err", max_abs_err(kernel, ref), shape="B2 N4 K2 H16 S40 f32",
          interpret=True)
 
 
@@ -76,10 +72,8 @@ def run(emit, quick: bool):
     """Emit JSON lines through `emit` (benchmarks._common.emit); see the module docstring."""
     if quick:
         return _quick(emit)
-    if jax.default_backend() != "gpu":
-        emit("decode_attention/skipped", "info", None, reason=f"needs a GPU, backend is {jax.default_backend()!r}")
+    if not gpu_ready(emit, "decode_attention"):
         return
-    emit("decode_attention/env", "info", None, jax=jax.__version__, device=jax.devices()[0].device_kind)
     peak = copy_bandwidth()
     emit("decode_attention/copy_peak", "bytes_per_s", peak)
     kernel = functools.partial(decode_attention, impl="pallas")
@@ -88,7 +82,7 @@ def run(emit, quick: bool):
         for B in BATCHES:
             args = _inputs(B, N, K, H, S, DTYPE, seed=B * S)
             kv_bytes = int(np.sum(np.asarray(args[3], np.int64))) * K * H * 2 * 2
-            err = _max_abs_err(jax.jit(kernel)(*args), jax.jit(ref)(*args))
+            err = max_abs_err(jax.jit(kernel)(*args), jax.jit(ref)(*args))
             reps = int(np.clip(np.ceil(4e9 / kv_bytes), 5, 500))  # a few GB per timed loop
             t_kernel = _seconds_per_call(kernel, args, reps, runs=7)
             t_ref = _seconds_per_call(ref, args, reps, runs=7)
@@ -104,7 +98,7 @@ def run(emit, quick: bool):
         q, k, v, lengths = _inputs(B, N, K, H, S, DTYPE, seed=7 + B)
         args = (q[:, None] + jnp.arange(T, dtype=DTYPE)[None, :, None, None] / T, k, v, lengths)
         kv_bytes = int(np.sum(np.asarray(lengths, np.int64))) * K * H * 2 * 2
-        err = _max_abs_err(jax.jit(kernel)(*args), jax.jit(ref)(*args))
+        err = max_abs_err(jax.jit(kernel)(*args), jax.jit(ref)(*args))
         reps = int(np.clip(np.ceil(4e9 / kv_bytes), 5, 500))
         t_kernel, t_ref = _seconds_per_call(kernel, args, reps, runs=7), _seconds_per_call(ref, args, reps, runs=7)
         emit(f"decode_attention/verify_t{T}/b{B}/s{S}", "kv_bytes_per_s", kv_bytes / t_kernel,

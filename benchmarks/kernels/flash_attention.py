@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import gpu_ready, max_abs_err
 from lmx.pallas.flash_attention import flash_attention
 
 N, TOKENS, RUNS = 16, 16384, 10
@@ -57,11 +58,6 @@ def _seconds(fn, args):
     return statistics.median(times), out
 
 
-def _max_abs_err(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 def _time_sides(emit, name, sides, args, flops, extra):
     """Time every side forward and forward + backward; emit the kernel's TFLOP/s against each baseline, and its
     max abs difference from that baseline (outputs, or outputs and grads)."""
@@ -79,7 +75,7 @@ def _time_sides(emit, name, sides, args, flops, extra):
         for side in secs.keys() - {"pallas"}:
             emit(f"{name}/{mode}/vs_{side}", "tflops", tflops["pallas"], baseline=tflops[side],
                  ratio=secs[side] / secs["pallas"], kernel_s=secs["pallas"], baseline_s=secs[side],
-                 max_abs_err=_max_abs_err(outs["pallas"], outs[side]), **extra)
+                 max_abs_err=max_abs_err(outs["pallas"], outs[side]), **extra)
         del outs
 
 
@@ -92,7 +88,7 @@ def _quick(emit):
     kernel = functools.partial(flash_attention, impl="pallas", interpret=True, **kw)
     ref = functools.partial(flash_attention, impl="xla", **kw)
     (o1, g1), (o2, g2) = (jax.jit(_fwd_bwd(f))(q, k, v, do) for f in (kernel, ref))
-    emit("flash_attention/quick", "max_abs_err", _max_abs_err(o1, o2), grad_max_abs_err=_max_abs_err(g1, g2),
+    emit("flash_attention/quick", "max_abs_err", max_abs_err(o1, o2), grad_max_abs_err=max_abs_err(g1, g2),
          shape="B1 T40 N4 K2 H16 f32 causal segments", interpret=True)
 
 
@@ -100,10 +96,8 @@ def run(emit, quick: bool):
     """Emit JSON lines through `emit` (benchmarks._common.emit); see the module docstring."""
     if quick:
         return _quick(emit)
-    if jax.default_backend() != "gpu":
-        emit("flash_attention/skipped", "info", None, reason=f"needs a GPU, backend is {jax.default_backend()!r}")
+    if not gpu_ready(emit, "flash_attention"):
         return
-    emit("flash_attention/env", "info", None, jax=jax.__version__, device=jax.devices()[0].device_kind)
     dpa = jax.nn.dot_product_attention
     for S, H, G in GRID:
         B, K = TOKENS // S, N // G

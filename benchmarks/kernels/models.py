@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._common import interleaved, median
+from benchmarks.kernels import gpu_ready, max_abs_err
 from lmx.decoding import generate
 
 B, T, SEGMENTS, PROMPT, NEW = 8, 2048, 4, 1024, 128
@@ -68,6 +69,8 @@ def _rel(a, b) -> float:
 
 
 def run(emit, quick: bool) -> None:
+    if not (quick or gpu_ready(emit, "models")):
+        return
     for name, cfg in _configs(quick).items():
         _compare(emit, name, cfg, quick)
 
@@ -84,7 +87,7 @@ def _compare(emit, name: str, cfg, quick: bool) -> None:
     outs = {impl: jax.block_until_ready(step(params)) for impl, step in steps.items()}
     (_, logits_x), grads_x = outs["xla"]
     (_, logits_p), grads_p = outs["pallas"]
-    logit_err = float(jnp.max(jnp.abs(logits_p - logits_x)))
+    logit_err = max_abs_err(logits_p, logits_x)
     if quick:
         emit(f"models/quick/{name}", "max_abs_logit_err", logit_err, shape=f"B{b} T{t}")
         return

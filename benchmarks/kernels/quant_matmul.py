@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernels import copy_bandwidth
+from benchmarks.kernels import copy_bandwidth, gpu_ready, max_abs_err
 from lmx.pallas.quant_matmul import quant_matmul, quantize
 
 ROWS = (1, 4, 16)
@@ -36,10 +36,6 @@ DTYPE = jnp.bfloat16
 def _weight(I: int, O: int, seed: int):
     w = jax.random.normal(jax.random.key(seed), (I, O), jnp.float32) / np.sqrt(I)
     return w.at[: I // 16].multiply(4.0).astype(DTYPE)  # some wide-range groups, what the mixed scheme targets
-
-
-def _max_abs_err(a, b) -> float:
-    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
 def _seconds_per_call(fn, x, w, reps: int, runs: int) -> float:
@@ -68,7 +64,7 @@ def _quick(emit):
         qw = quantize(w, bits, 64, frac4=0.34, tile=32)
         kernel = jax.jit(functools.partial(quant_matmul, impl="pallas", interpret=True, block_o=32))(x, qw)
         ref = jax.jit(functools.partial(quant_matmul, impl="xla"))(x, qw)
-        emit(f"quant_matmul/quick/{bits}", "max_abs_err", _max_abs_err(kernel, ref), shape="B3 I192 O48 bf16",
+        emit(f"quant_matmul/quick/{bits}", "max_abs_err", max_abs_err(kernel, ref), shape="B3 I192 O48 bf16",
              interpret=True)
 
 
@@ -76,10 +72,8 @@ def run(emit, quick: bool):
     """Emit JSON lines through `emit` (benchmarks._common.emit); see the module docstring."""
     if quick:
         return _quick(emit)
-    if jax.default_backend() != "gpu":
-        emit("quant_matmul/skipped", "info", None, reason=f"needs a GPU, backend is {jax.default_backend()!r}")
+    if not gpu_ready(emit, "quant_matmul"):
         return
-    emit("quant_matmul/env", "info", None, jax=jax.__version__, device=jax.devices()[0].device_kind)
     peak = copy_bandwidth()
     emit("quant_matmul/copy_peak", "bytes_per_s", peak)
     kernel = functools.partial(quant_matmul, impl="pallas")
@@ -95,7 +89,7 @@ def run(emit, quick: bool):
         for bits, group in FORMATS:
             fmt = bits if bits == "mixed" else f"int{bits}"
             qw = jax.block_until_ready(quantize(w, bits, group))
-            err = _max_abs_err(jax.jit(kernel)(xs[16], qw), ref(xs[16], qw))
+            err = max_abs_err(jax.jit(kernel)(xs[16], qw), ref(xs[16], qw))
             for M in ROWS:
                 t = _seconds_per_call(kernel, xs[M], qw, reps, runs=7)
                 emit(f"quant_matmul/{fmt}/g{group}/m{M}/i{I}/o{O}", "packed_bytes_per_s", qw.nbytes / t,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks._common import interleaved, median
+from benchmarks.kernels import gpu_ready, max_abs_err
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 CASES = [  # (batch, T, heads N, head dim H, state Z, groups U, chunk)
@@ -47,10 +48,6 @@ def _functions(impl: str, chunk: int, interpret: bool):
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def _max_err(a, b) -> float:
-    return float(jnp.max(jnp.abs(a.astype(F32) - b.astype(F32))))
-
-
 def _dot_flops(Bn, T, N, H, Z, chunk) -> tuple[float, float]:
     """Dot FLOPs of the kernels (forward, backward), counted per head (a program looping over several heads of a
     group computes C Bᵀ once): per position and head, forward 2C(Z+H) (C Bᵀ, then times X) + 4HZ (chunk state,
@@ -70,12 +67,11 @@ def run(emit, quick: bool):
         (yk, hk), (yr, hr) = kf(args), rf(args)
         gk, gr = kb(args, dy), rb(args, dy)
         shape = dict(B=Bn, T=T, N=N, H=H, Z=Z, U=U, chunk=chunk, interpret=True)
-        emit("ssd/quick/fwd", "max_abs_err", max(_max_err(yk, yr), _max_err(hk, hr)), **shape)
-        grad_err = max(_max_err(a, b) for a, b in zip(gk, gr, strict=True))
+        emit("ssd/quick/fwd", "max_abs_err", max(max_abs_err(yk, yr), max_abs_err(hk, hr)), **shape)
+        grad_err = max_abs_err(gk, gr)
         emit("ssd/quick/fwd_bwd", "max_abs_err", grad_err, **shape)
         return
-    if jax.default_backend() != "gpu":
-        emit("ssd", "skipped", None, reason=f"needs a GPU (backend {jax.default_backend()!r}); use quick")
+    if not gpu_ready(emit, "ssd"):
         return
     device = jax.devices()[0].device_kind
     for Bn, T, N, H, Z, U, chunk in CASES:
@@ -94,7 +90,7 @@ def run(emit, quick: bool):
 def _time_pair(emit, name, kernel, reference, flops, device, compared):
     """Compile and warm up both sides, compare their first outputs, time them interleaved and emit."""
     out_k, out_r = jax.block_until_ready((kernel(), reference()))
-    err = _max_err(out_k[0], out_r[0])
+    err = max_abs_err(out_k[0], out_r[0])
     times = interleaved({"pallas": lambda: jax.block_until_ready(kernel()),
                          "xla": lambda: jax.block_until_ready(reference())}, rounds=7, pause=0.0)
     t_k, t_r = median(times["pallas"]), median(times["xla"])

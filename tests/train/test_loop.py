@@ -143,6 +143,20 @@ def test_default_config_and_overrides():
     for name, ssm_impl in (("hybrid-tiny", "pallas"), ("mamba3-tiny", "xla")):
         mc = model_config(ConfigDict({"preset": name, "impl": "pallas"}), 104)
         assert (mc.attention.impl, mc.ssm.impl) == ("pallas", ssm_impl)
+    # Every study's model configs carry the switch, so --config.model.impl=... works under lock_config.
+    import importlib
+    import pkgutil
+
+    import experiments.configs
+
+    def models(cfg, path=""):
+        for k, v in cfg.items():
+            if isinstance(v, ConfigDict):
+                yield from [(path + k, v)] if k == "model" and "preset" in v else models(v, f"{path}{k}.")
+
+    for m in pkgutil.iter_modules(experiments.configs.__path__):
+        found = list(models(importlib.import_module(f"experiments.configs.{m.name}").get_config()))
+        assert found and all(v.impl == "xla" for _, v in found), (m.name, [p for p, _ in found])
     bad = tiny_config()
     bad.model.unlock()
     bad.model.n_layers = 3
